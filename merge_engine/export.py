@@ -1,0 +1,87 @@
+"""Writing a merged adapter in PEFT format, atomically.
+
+The directory holds `adapter_config.json` and `adapter_model.safetensors` with the scale folded
+into the factors (`lora_alpha == r`), so PEFT and vLLM load it as is. It is written into a
+temporary sibling directory and renamed into place: readers never see a partial adapter, and an
+existing directory is never overwritten (a name and path always mean the same weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .adapter import CONFIG_FILE, WEIGHTS_FILE
+from .errors import ExportError
+from .merge import MergeResult
+
+
+def peft_config(result: MergeResult, base_model: str | None = None) -> dict[str, Any]:
+    """The `adapter_config.json` of a merged adapter (scale 1: lora_alpha == r)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model or result.base_model,
+        "r": result.rank,
+        "lora_alpha": result.rank,
+        "target_modules": list(result.target_modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def save_adapter(
+    result: MergeResult,
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    base_model: str | None = None,
+) -> Path:
+    """Write `result` to the new directory `path` (atomically); return `path`.
+
+    `dtype` is the stored precision (e.g. the serving model's bfloat16). Raises `ExportError`
+    if `path` exists or cannot be written; nothing is left behind on failure.
+    """
+    target = Path(path)
+    if target.exists():
+        raise ExportError("already exists; merged adapters are never overwritten", path=target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"cannot create the parent directory: {err}", path=target) from None
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        staging.mkdir()
+        tensors: dict[str, torch.Tensor] = {}
+        for module, factors in result.modules.items():
+            tensors[f"{module}.lora_A.weight"] = factors.lora_a.to("cpu", dtype).contiguous()
+            tensors[f"{module}.lora_B.weight"] = factors.lora_b.to("cpu", dtype).contiguous()
+        provenance = {
+            "pool_fingerprint": result.pool_fingerprint,
+            "method": result.report.method,
+            "pico": str(result.report.pico),
+            "rank": str(result.rank),
+        }
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt", **provenance})
+        config = json.dumps(peft_config(result, base_model), indent=2)
+        (staging / CONFIG_FILE).write_text(config + "\n")
+        os.rename(staging, target)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ExportError(f"cannot write the adapter: {err}", path=target) from None
+    return target

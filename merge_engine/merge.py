@@ -1,0 +1,213 @@
+"""One merge, end to end: preference → (Pico) → rule → (SVC) → compact → (compensation)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from .adapter import LoraModule
+from .device import resolve_device, resolve_dtype
+from .errors import InvalidParameterError
+from .linalg import LowRank, compact, frobenius_sq, pad_rank
+from .methods.base import MethodParams, TaskSet, check_finite, check_positive_int
+from .methods.registry import METHODS
+from .pico import CalibrationCache, compensate
+from .pool import AdapterPool
+from .preference import normalize_preference
+from .svc import svc
+
+Progress = Callable[[int, int], None]  # (modules groups done, total)
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """What to merge with: a method, its parameters and the optional stages.
+
+    `rank` is the target rank of methods that truncate a dense update (default: the summed
+    rank of the merged adapters) and a cap for every method (the excess is truncated and the
+    retained energy reported). `params` maps parameter names to values (or is the method's
+    parameter dataclass).
+    """
+
+    method: str = "ta"
+    params: Mapping[str, Any] | MethodParams = field(default_factory=dict)
+    pico: bool = True
+    energy_compensation: bool = True
+    svc: bool = False
+    svc_alpha: float = 1.0
+    rank: int | None = None
+
+    def __post_init__(self) -> None:
+        check_positive_int("rank", self.rank)
+        check_finite("svc_alpha", self.svc_alpha)
+
+    def resolved_params(self) -> MethodParams:
+        method = METHODS.get(self.method)
+        if isinstance(self.params, MethodParams):
+            given: MethodParams = self.params
+            expected: type[MethodParams] = method.params_type
+            if not isinstance(given, expected):
+                raise InvalidParameterError(
+                    "params", f"{type(given).__name__} are not parameters of {self.method!r}"
+                )
+            return given
+        params: MethodParams = method.parse_params(self.params)
+        return params
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge did: choices, resulting rank and energy, norms and phase timings."""
+
+    method: str
+    params: MethodParams
+    pico: bool
+    energy_compensation: bool
+    svc: bool
+    preference: Mapping[str, float]  # ρ, normalised
+    rank: int
+    retained_energy_min: float  # worst module's kept share of ‖ΔW‖² under truncation
+    retained_energy_mean: float
+    merged_norm: float  # ‖ΔW‖_F over all modules before energy compensation
+    final_norm: float  # ‖ΔW‖_F over all modules as exported
+    timings: Mapping[str, float]  # phase → seconds
+    calibration_cache_hit: bool | None  # None without Pico
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """A merged adapter (scale folded: ΔW = lora_b @ lora_a, one rank for every module)."""
+
+    pool_fingerprint: str
+    base_model: str | None
+    target_modules: tuple[str, ...]
+    modules: Mapping[str, LoraModule]
+    report: MergeReport
+
+    @property
+    def rank(self) -> int:
+        return self.report.rank
+
+
+class _PhaseTimer:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def merge(
+    pool: AdapterPool,
+    preference: Mapping[str, float],
+    spec: MergeSpec | None = None,
+    *,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype = "float32",
+    cache: CalibrationCache | None = None,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Merge `pool` for `preference` (adapter name → weight ≥ 0) as `spec` says.
+
+    Runs on `device` ("auto": CUDA when available) in `dtype` (float32 or float64); Pico
+    calibrations come from `cache` when given. Deterministic for the same inputs and device.
+    """
+    spec = spec or MergeSpec()
+    params = spec.resolved_params()
+    method = METHODS.get(spec.method)
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    rho = normalize_preference(preference, pool.names)
+    active = tuple(i for i, weight in enumerate(rho) if weight > 0)
+    rho_active = torch.tensor([rho[i] for i in active], device=device, dtype=dtype)
+    timer = _PhaseTimer(device)
+    start = time.perf_counter()
+
+    groups = pool.groups(device, dtype)
+    hit: bool | None = None
+    if spec.pico:
+        with timer("calibrate"):
+            source = cache if cache is not None else CalibrationCache(1)
+            calibrations, hit = source.get(pool, active, device, dtype)
+
+    outputs: list[LowRank] = []
+    merged_sq = torch.zeros((), device=device, dtype=dtype)
+    for index, group in enumerate(groups):
+        scaled_a = group.scaled_a()
+        raw_b = tuple(group.lora_b[i] for i in active)
+        tasks = TaskSet(
+            names=tuple(pool.names[i] for i in active),
+            modules=group.modules,
+            b=calibrations[index].lora_b if spec.pico else raw_b,
+            a=tuple(scaled_a[i] for i in active),
+            rho=rho_active,
+            pool_size=len(pool),
+        )
+        target_rank = min(spec.rank or tasks.total_rank, tasks.out_features, tasks.in_features)
+        with timer("merge"):
+            update = method.merge(tasks, params, target_rank)
+        if spec.svc:
+            with timer("svc"):
+                update = svc(update, tasks, spec.svc_alpha)
+        with timer("compact"):
+            update = compact(update, spec.rank)
+        merged_sq = merged_sq + frobenius_sq(update.b, update.a).sum()
+        if spec.pico and spec.energy_compensation:
+            with timer("compensate"):
+                norms = torch.stack(
+                    [frobenius_sq(b, a).sqrt() for b, a in zip(raw_b, tasks.a, strict=True)]
+                )  # [n, G]: the ORIGINAL (uncalibrated) updates
+                update = compensate(update, (rho_active[:, None] * norms).sum(dim=0))
+        outputs.append(update)
+        if progress is not None:
+            progress(index + 1, len(groups))
+
+    rank = max(update.rank for update in outputs)
+    modules: dict[str, LoraModule] = {}
+    final_sq = torch.zeros((), device=device, dtype=dtype)
+    energies = []
+    for group, update in zip(groups, outputs, strict=True):
+        padded = pad_rank(update, rank)
+        final_sq = final_sq + frobenius_sq(padded.b, padded.a).sum()
+        energies.append(update.retained_energy)
+        for g, module in enumerate(group.modules):
+            modules[module] = LoraModule(lora_a=padded.a[g], lora_b=padded.b[g], scale=1.0)
+    energy = torch.cat(energies)
+    timings = dict(timer.seconds, total=time.perf_counter() - start)
+    report = MergeReport(
+        method=spec.method,
+        params=params,
+        pico=spec.pico,
+        energy_compensation=spec.pico and spec.energy_compensation,
+        svc=spec.svc,
+        preference=MappingProxyType(dict(zip(pool.names, rho, strict=True))),
+        rank=rank,
+        retained_energy_min=float(energy.min()),
+        retained_energy_mean=float(energy.mean()),
+        merged_norm=float(merged_sq.sqrt()),
+        final_norm=float(final_sq.sqrt()),
+        timings=MappingProxyType(timings),
+        calibration_cache_hit=hit,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    return MergeResult(
+        pool_fingerprint=pool.fingerprint,
+        base_model=pool.base_model,
+        target_modules=pool.target_modules,
+        modules=MappingProxyType({name: modules[name] for name in pool.module_names}),
+        report=report,
+    )

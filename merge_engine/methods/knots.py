@@ -1,0 +1,79 @@
+"""KnOTS: align the task updates in one shared SVD basis, merge the coefficients.
+
+[ΔW_1 | … | ΔW_n] (concatenated along the input axis) = U Σ [V_1ᵀ … V_nᵀ]; per task
+X_t = Σ V_tᵀ so that U X_t = ΔW_t exactly. TIES or DARE-TIES merge the X_t (R × in, not
+out × in); the result is the exact LoRA b = U, a = X_merged. Computed on the factors: QR of
+B_cat and of each (s_t A_t)ᵀ, SVD of the R × R core RB · blockdiag(RA_tᵀ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..linalg import LowRank, rank_tolerance
+from .base import MergeMethod, TaskSet
+from .rules import DareTiesParams, ElementwiseRule, TiesParams, merge_elementwise
+
+
+def shared_basis(tasks: TaskSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """KnOTS's joint basis. → U [G, out, q] and X [G, n, q, in] with U @ X[:, t] = ΔW_t.
+
+    Components with σ below the relative tolerance are zeroed (they carry no energy).
+    """
+    qb, rb = torch.linalg.qr(torch.cat(tasks.b, dim=-1))  # [G, out, p], [G, p, R]
+    blocks, bases, start = [], [], 0
+    for a in tasks.a:
+        rank = int(a.shape[-2])
+        qa, ra = torch.linalg.qr(a.mT)  # [G, in, p_t], [G, p_t, r_t]
+        blocks.append(rb[..., start : start + rank] @ ra.mT)  # [G, p, p_t]
+        bases.append(qa)
+        start += rank
+    um, s, vmh = torch.linalg.svd(torch.cat(blocks, dim=-1), full_matrices=False)
+    s = s * (s > rank_tolerance(s.dtype) * s[..., :1])
+    coefficients, start = [], 0
+    for qa in bases:
+        width = int(qa.shape[-1])
+        coefficients.append(s[..., None] * (vmh[..., start : start + width] @ qa.mT))
+        start += width
+    return qb @ um, torch.stack(coefficients, dim=1)
+
+
+def merge_in_shared_basis(tasks: TaskSet, rule: ElementwiseRule, scaling: float) -> LowRank:
+    basis, coefficients = shared_basis(tasks)
+    return LowRank.exact(basis, merge_elementwise(coefficients, tasks, rule, scaling))
+
+
+@dataclass(frozen=True)
+class KnotsTiesParams(TiesParams):
+    """KnOTS-TIES; defaults are the authors' Llama-3-8B ones (top-K 100%, λ 0.5)."""
+
+    density: float = 1.0
+
+
+@dataclass(frozen=True)
+class KnotsDareTiesParams(DareTiesParams):
+    """KnOTS-DARE-TIES; defaults are the authors' (top-K 100%, p 0.1, λ 0.7)."""
+
+    drop_rate: float = 0.1
+
+
+class KnotsTies(MergeMethod[KnotsTiesParams]):
+    name = "knots_ties"
+    summary = "KnOTS: TIES on the coefficients of a shared SVD basis (exact low rank)"
+    exact_low_rank = True
+    params_type = KnotsTiesParams
+
+    def merge(self, tasks: TaskSet, params: KnotsTiesParams, target_rank: int) -> LowRank:
+        return merge_in_shared_basis(tasks, params.rule(), params.resolved_scaling(0.5))
+
+
+class KnotsDareTies(MergeMethod[KnotsDareTiesParams]):
+    name = "knots_dare_ties"
+    summary = "KnOTS: DARE-TIES on the coefficients of a shared SVD basis (exact low rank)"
+    exact_low_rank = True
+    params_type = KnotsDareTiesParams
+
+    def merge(self, tasks: TaskSet, params: KnotsDareTiesParams, target_rank: int) -> LowRank:
+        return merge_in_shared_basis(tasks, params.rule(), params.resolved_scaling(0.7))
