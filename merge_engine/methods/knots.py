@@ -9,6 +9,7 @@ B_cat and of each (s_t A_t)ᵀ, SVD of the R × R core RB · blockdiag(RA_tᵀ).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, TypeVar
 
 import torch
 
@@ -59,21 +60,27 @@ class KnotsDareTiesParams(DareTiesParams):
     drop_rate: float = 0.1
 
 
-class KnotsTies(MergeMethod[KnotsTiesParams]):
+P = TypeVar("P", KnotsTiesParams, KnotsDareTiesParams)
+
+
+class _Knots(MergeMethod[P]):
+    exact_low_rank = True
+    default_scaling: ClassVar[float]
+
+    def merge(self, tasks: TaskSet, params: P, target_rank: int) -> LowRank:
+        scaling = params.resolved_scaling(self.default_scaling)
+        return merge_in_shared_basis(tasks, params.rule(), scaling)
+
+
+class KnotsTies(_Knots[KnotsTiesParams]):
     name = "knots_ties"
     summary = "KnOTS: TIES on the coefficients of a shared SVD basis (exact low rank)"
-    exact_low_rank = True
     params_type = KnotsTiesParams
-
-    def merge(self, tasks: TaskSet, params: KnotsTiesParams, target_rank: int) -> LowRank:
-        return merge_in_shared_basis(tasks, params.rule(), params.resolved_scaling(0.5))
+    default_scaling = 0.5
 
 
-class KnotsDareTies(MergeMethod[KnotsDareTiesParams]):
+class KnotsDareTies(_Knots[KnotsDareTiesParams]):
     name = "knots_dare_ties"
     summary = "KnOTS: DARE-TIES on the coefficients of a shared SVD basis (exact low rank)"
-    exact_low_rank = True
     params_type = KnotsDareTiesParams
-
-    def merge(self, tasks: TaskSet, params: KnotsDareTiesParams, target_rank: int) -> LowRank:
-        return merge_in_shared_basis(tasks, params.rule(), params.resolved_scaling(0.7))
+    default_scaling = 0.7
