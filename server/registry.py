@@ -1,0 +1,101 @@
+"""The live adapter pool: registration and removal swap in a new immutable pool.
+
+Adapters come from the configuration (the embedded defaults, `adapters.paths`) and from the
+RegisterAdapter API; API registrations are persisted in the store and come back on restart.
+Every change makes a new pool with a new fingerprint, so merged versions keyed by the old
+fingerprint are never served for new requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from loramerge.merge_engine import (
+    AdapterPool,
+    LoraAdapter,
+    load_adapter,
+    validate_adapter_name,
+)
+
+from .errors import AlreadyExistsError, NotFoundError, PermissionDeniedError
+from .store import Store
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterRegistry:
+    """Owns the current `AdapterPool` (None while no adapter is registered)."""
+
+    def __init__(self, store: Store, allowed_roots: Sequence[Path]) -> None:
+        self._store = store
+        self._roots = tuple(root.expanduser().resolve() for root in allowed_roots)
+        self._pool: AdapterPool | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def pool(self) -> AdapterPool | None:
+        return self._pool
+
+    def load_initial(self, configured: Mapping[str, Path]) -> list[str]:
+        """Load the configured adapters and the persisted API registrations (at start-up).
+
+        A persisted registration whose directory is gone or broken is skipped with a warning;
+        a broken configured adapter is an error. Returns the warnings.
+        """
+        adapters = {name: load_adapter(path, name) for name, path in configured.items()}
+        warnings = []
+        for registration in self._store.list_adapters():
+            if registration.name in adapters:
+                continue
+            try:
+                adapters[registration.name] = load_adapter(registration.path, registration.name)
+            except Exception as err:  # the file changed since it was registered
+                warnings.append(f"skipped registered adapter {registration.name!r}: {err}")
+        if adapters:
+            self._pool = AdapterPool(adapters.values())
+            warnings.extend(self._pool.warnings)
+        for warning in warnings:
+            logger.warning("%s", warning)
+        return warnings
+
+    def _check_path(self, path: str) -> Path:
+        if not self._roots:
+            raise PermissionDeniedError(
+                "registering adapters is disabled: configure adapters.allowed_roots", "path"
+            )
+        resolved = Path(path).expanduser().resolve()  # follows symlinks out of the roots too
+        if not any(resolved.is_relative_to(root) for root in self._roots):
+            roots = ", ".join(str(root) for root in self._roots)
+            raise PermissionDeniedError(f"{path!r} is not under an allowed root ({roots})", "path")
+        return resolved
+
+    async def register(self, name: str, path: str) -> tuple[LoraAdapter, AdapterPool]:
+        """Load the adapter at `path`, add it to the pool and persist the registration."""
+        validate_adapter_name(name, "name")
+        directory = self._check_path(path)
+        async with self._lock:
+            if self._pool is not None and name in self._pool.names:
+                raise AlreadyExistsError(f"adapter {name!r} is already registered", "name")
+            adapter = await asyncio.to_thread(load_adapter, directory, name)
+            current = self._pool.adapters if self._pool is not None else ()
+            pool = await asyncio.to_thread(AdapterPool, [*current, adapter])
+            await asyncio.to_thread(self._store.add_adapter, name, directory)
+            self._pool = pool
+        logger.info("registered adapter %s from %s; pool %s", name, directory, pool.fingerprint)
+        return adapter, pool
+
+    async def remove(self, name: str) -> AdapterPool | None:
+        """Remove adapter `name` from the pool (and its persisted registration)."""
+        async with self._lock:
+            if self._pool is None or name not in self._pool.names:
+                raise NotFoundError(f"adapter {name!r} is not registered", "name")
+            remaining = [a for a in self._pool.adapters if a.name != name]
+            pool = AdapterPool(remaining) if remaining else None
+            if any(r.name == name for r in self._store.list_adapters()):
+                await asyncio.to_thread(self._store.remove_adapter, name)
+            self._pool = pool
+        logger.info("removed adapter %s", name)
+        return pool

@@ -1,0 +1,91 @@
+"""Which merged adapter serves a request: tenant, inline preference and overrides resolved
+against the server's defaults."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from loramerge.merge_engine import AdapterPool, MergeSpec, normalize_preference
+
+from .config import Settings
+from .domain import MergeChoice, validate_tenant_id
+from .errors import ConflictError
+from .registry import AdapterRegistry
+from .store import Store
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A resolved merge: the pool, the spec, ρ (pool order) and the hot tenant to pin for."""
+
+    pool: AdapterPool
+    spec: MergeSpec
+    rho: tuple[float, ...]
+    pin_for: str | None
+
+
+def default_choice(settings: Settings) -> MergeChoice:
+    merge = settings.merge
+    return MergeChoice(
+        method=merge.method,
+        pico=merge.pico,
+        params=MappingProxyType(dict(merge.params)),
+        svc=merge.svc,
+        energy_compensation=True,
+    )
+
+
+def spec_for(choice: MergeChoice, max_rank: int) -> MergeSpec:
+    """A validated MergeSpec; the rank is capped by the engine's max LoRA rank."""
+    spec = MergeSpec(
+        method=choice.method or "ta",
+        params=dict(choice.params),
+        pico=bool(choice.pico),
+        energy_compensation=choice.energy_compensation is not False,
+        svc=bool(choice.svc),
+        rank=min(choice.rank or max_rank, max_rank),
+    )
+    spec.resolved_params()  # raises InvalidParameterError naming the field
+    return spec
+
+
+class Selector:
+    def __init__(self, settings: Settings, store: Store, registry: AdapterRegistry) -> None:
+        self._settings = settings
+        self._store = store
+        self._registry = registry
+        self._defaults = default_choice(settings)
+        self._hot = frozenset(settings.merge.hot_tenants)
+
+    def require_pool(self) -> AdapterPool:
+        pool = self._registry.pool
+        if pool is None:
+            raise ConflictError("no adapters are registered: register one first", "preference")
+        return pool
+
+    def validate(self, preference: Mapping[str, float], choice: MergeChoice) -> None:
+        """Check a preference and options as a tenant would store them."""
+        if preference:
+            normalize_preference(preference, self.require_pool().names)
+        spec_for(choice.over(self._defaults), self._settings.engine.max_lora_rank)
+
+    async def select(
+        self, tenant_id: str, preference: Mapping[str, float], overrides: MergeChoice
+    ) -> Selection | None:
+        """The merge serving a request; None for the base model (no preference anywhere)."""
+        stored = MergeChoice()
+        if tenant_id:
+            validate_tenant_id(tenant_id)
+            record = await asyncio.to_thread(self._store.get_tenant, tenant_id)
+            stored = record.merge
+            preference = preference or record.preference
+        if not preference:
+            return None
+        pool = self.require_pool()
+        choice = overrides.over(stored).over(self._defaults)
+        spec = spec_for(choice, self._settings.engine.max_lora_rank)
+        rho = normalize_preference(preference, pool.names)
+        return Selection(pool, spec, rho, tenant_id if tenant_id in self._hot else None)

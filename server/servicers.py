@@ -1,0 +1,205 @@
+"""The gRPC servicers: thin, with their collaborators injected. Errors propagate as exceptions;
+the interceptor turns them into statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from loramerge.merge_engine import MergeSpec, merged_diagnostics, pool_diagnostics
+from loramerge.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    merges_pb2,
+    merges_pb2_grpc,
+    tenants_pb2,
+    tenants_pb2_grpc,
+)
+
+from . import translate
+from .domain import validate_tenant_id
+from .errors import InvalidRequestError
+from .logs import annotate
+from .registry import AdapterRegistry
+from .selection import Selection, Selector
+from .store import Store
+from .versions import MergedVersions
+
+MAX_PAGE = 1000
+EXPORT_CHUNK = 1 << 20
+
+
+class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
+    def __init__(self, store: Store, selector: Selector) -> None:
+        self._store = store
+        self._selector = selector
+
+    async def SetTenant(
+        self, request: tenants_pb2.SetTenantRequest, context: grpc.aio.ServicerContext
+    ) -> tenants_pb2.SetTenantResponse:
+        tenant = request.tenant
+        validate_tenant_id(tenant.tenant_id, "tenant.tenant_id")
+        preference = translate.preference_from_proto(tenant.preference, "tenant.preference")
+        choice = translate.merge_choice_from_proto(tenant.merge)
+        self._selector.validate(preference, choice)
+        expected = request.expected_version if request.HasField("expected_version") else None
+        record = await asyncio.to_thread(
+            self._store.set_tenant, tenant.tenant_id, preference, choice, expected
+        )
+        annotate(tenant=record.tenant_id, tenant_version=record.version)
+        return tenants_pb2.SetTenantResponse(tenant=translate.tenant_to_proto(record))
+
+    async def GetTenant(
+        self, request: tenants_pb2.GetTenantRequest, context: grpc.aio.ServicerContext
+    ) -> tenants_pb2.GetTenantResponse:
+        validate_tenant_id(request.tenant_id)
+        version = request.version if request.HasField("version") else None
+        record = await asyncio.to_thread(self._store.get_tenant, request.tenant_id, version)
+        return tenants_pb2.GetTenantResponse(tenant=translate.tenant_to_proto(record))
+
+    async def ListTenants(
+        self, request: tenants_pb2.ListTenantsRequest, context: grpc.aio.ServicerContext
+    ) -> tenants_pb2.ListTenantsResponse:
+        if request.page_size > MAX_PAGE:
+            raise InvalidRequestError("page_size", f"must be ≤ {MAX_PAGE}, got {request.page_size}")
+        size = request.page_size or 100
+        after = request.page_token or None
+        if after is not None:
+            validate_tenant_id(after, "page_token")
+        records = await asyncio.to_thread(self._store.list_tenants, size + 1, after)
+        page, more = records[:size], len(records) > size
+        return tenants_pb2.ListTenantsResponse(
+            tenants=[translate.tenant_to_proto(r) for r in page],
+            next_page_token=page[-1].tenant_id if more else "",
+        )
+
+    async def DeleteTenant(
+        self, request: tenants_pb2.DeleteTenantRequest, context: grpc.aio.ServicerContext
+    ) -> tenants_pb2.DeleteTenantResponse:
+        validate_tenant_id(request.tenant_id)
+        await asyncio.to_thread(self._store.delete_tenant, request.tenant_id)
+        return tenants_pb2.DeleteTenantResponse()
+
+
+class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):  # type: ignore[misc]
+    def __init__(
+        self, registry: AdapterRegistry, versions: MergedVersions, selector: Selector, device: str
+    ) -> None:
+        self._registry = registry
+        self._versions = versions
+        self._selector = selector
+        self._device = device
+
+    async def RegisterAdapter(
+        self, request: adapters_pb2.RegisterAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> adapters_pb2.RegisterAdapterResponse:
+        if not request.path:
+            raise InvalidRequestError("path", "is required")
+        adapter, pool = await self._registry.register(request.name, request.path)
+        await self._versions.pool_changed(pool)
+        return adapters_pb2.RegisterAdapterResponse(
+            adapter=translate.adapter_to_proto(adapter),
+            pool_fingerprint=pool.fingerprint,
+            warnings=list(pool.warnings),
+        )
+
+    async def RemoveAdapter(
+        self, request: adapters_pb2.RemoveAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> adapters_pb2.RemoveAdapterResponse:
+        pool = await self._registry.remove(request.name)
+        await self._versions.pool_changed(pool)
+        return adapters_pb2.RemoveAdapterResponse(
+            pool_fingerprint=pool.fingerprint if pool is not None else ""
+        )
+
+    async def ListAdapters(
+        self, request: adapters_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> adapters_pb2.ListAdaptersResponse:
+        pool = self._registry.pool
+        if pool is None:
+            return adapters_pb2.ListAdaptersResponse()
+        return adapters_pb2.ListAdaptersResponse(
+            adapters=[translate.adapter_to_proto(a) for a in pool.adapters],
+            pool_fingerprint=pool.fingerprint,
+        )
+
+    async def GetDiagnostics(
+        self, request: adapters_pb2.GetDiagnosticsRequest, context: grpc.aio.ServicerContext
+    ) -> adapters_pb2.GetDiagnosticsResponse:
+        pool = self._selector.require_pool()
+        preference = translate.preference_from_proto(request.preference, "preference")
+        spec: MergeSpec | None = None
+        if preference:
+            selection = await self._selector.select(
+                "", preference, translate.merge_choice_from_proto(request.merge)
+            )
+            assert selection is not None
+            spec = selection.spec
+
+        def compute() -> adapters_pb2.GetDiagnosticsResponse:
+            merged = (
+                merged_diagnostics(pool, preference, spec, device=self._device)
+                if spec is not None
+                else None
+            )
+            return translate.diagnostics_response(
+                pool_diagnostics(pool), merged, request.per_module
+            )
+
+        return await asyncio.to_thread(compute)
+
+
+class MergesServicer(merges_pb2_grpc.MergesServicer):  # type: ignore[misc]
+    def __init__(self, selector: Selector, versions: MergedVersions) -> None:
+        self._selector = selector
+        self._versions = versions
+
+    async def _selection(self, request: merges_pb2.MergeRequest) -> Selection:
+        preference = translate.preference_from_proto(request.preference, "preference")
+        choice = translate.merge_choice_from_proto(request.merge)
+        selection = await self._selector.select(request.tenant_id, preference, choice)
+        if selection is None:
+            raise InvalidRequestError(
+                "preference", "nothing to merge: give a preference or a tenant that has one"
+            )
+        return selection
+
+    async def Merge(
+        self, request: merges_pb2.MergeRequest, context: grpc.aio.ServicerContext
+    ) -> merges_pb2.MergeResponse:
+        selection = await self._selection(request)
+        async with self._versions.lease(
+            selection.pool, selection.spec, selection.rho, pin_for=selection.pin_for
+        ) as lease:
+            version = lease.version
+            annotate(tenant=request.tenant_id, adapter_id=version.adapter_id, cached=lease.cached)
+            return translate.merge_response(
+                version.adapter_id,
+                lease.cached,
+                version.report,
+                version.phase_seconds,
+                version.key.pool_fingerprint,
+            )
+
+    async def Export(
+        self, request: merges_pb2.ExportRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[merges_pb2.ExportResponse]:
+        selection = await self._selection(request.merge)
+        async with self._versions.lease(selection.pool, selection.spec, selection.rho) as lease:
+            version = lease.version
+            annotate(tenant=request.merge.tenant_id, adapter_id=version.adapter_id)
+            for path in sorted(version.path.iterdir()):
+                data = await asyncio.to_thread(path.read_bytes)
+                yield merges_pb2.ExportResponse(
+                    file=merges_pb2.FileHeader(
+                        name=path.name,
+                        size=len(data),
+                        sha256=hashlib.sha256(data).hexdigest(),
+                        adapter_id=version.adapter_id,
+                    )
+                )
+                for start in range(0, len(data), EXPORT_CHUNK):
+                    yield merges_pb2.ExportResponse(chunk=data[start : start + EXPORT_CHUNK])

@@ -1,0 +1,381 @@
+"""Persistence of tenants (versioned) and API-registered adapters.
+
+`Store` is the narrow interface the servicers use; `SqliteStore` implements it on one SQLite file.
+A PostgreSQL backend will implement the same protocol, so the SQL below sticks to what both
+dialects accept (no UPSERT, no RETURNING, no SQLite-only types); the comments mark the few places
+where PostgreSQL needs a different statement. Inputs are validated before they reach the store:
+it stores what it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from .domain import AdapterRegistration, MergeChoice, TenantRecord, validate_tenant_id
+from .errors import AlreadyExistsError, ConfigError, ConflictError, NotFoundError
+
+logger = logging.getLogger(__name__)
+
+
+class Store(Protocol):
+    """Tenants and registered adapters. Every method is blocking; the server calls them from
+    worker threads (`asyncio.to_thread`), so implementations are thread-safe."""
+
+    def set_tenant(
+        self,
+        tenant_id: str,
+        preference: Mapping[str, float],
+        merge: MergeChoice,
+        expected_version: int | None = None,
+    ) -> TenantRecord:
+        """Store a new version of the tenant (1 for the first, then +1) and return it.
+        With `expected_version`, store only if the latest version equals it (0: the tenant must
+        not exist yet), else raise `ConflictError` naming the current version."""
+        ...
+
+    def get_tenant(self, tenant_id: str, version: int | None = None) -> TenantRecord:
+        """The latest version, or the given one. `NotFoundError` (field "tenant_id" or
+        "version") if there is none."""
+        ...
+
+    def list_tenants(self, limit: int, after: str | None = None) -> list[TenantRecord]:
+        """At most `limit` tenants' latest versions, ordered by id, with ids after `after`."""
+        ...
+
+    def delete_tenant(self, tenant_id: str) -> None:
+        """Delete the tenant with its whole history (`NotFoundError` if absent)."""
+        ...
+
+    def add_adapter(self, name: str, path: Path) -> AdapterRegistration:
+        """Record an adapter registered through the API (`AlreadyExistsError` if the name is)."""
+        ...
+
+    def remove_adapter(self, name: str) -> None:
+        """Forget a registered adapter (`NotFoundError` if absent)."""
+        ...
+
+    def list_adapters(self) -> list[AdapterRegistration]:
+        """The registered adapters, ordered by name."""
+        ...
+
+    def close(self) -> None: ...
+
+
+SQLITE_SCHEME = "sqlite"
+
+
+def open_store(url_or_path: str) -> Store:
+    """The store a configuration names: `sqlite:///abs/path.db` (`sqlite:///~/x.db` is under the
+    home directory) or a plain file path. Other schemes raise `ConfigError`."""
+    scheme, separator, rest = url_or_path.partition("://")
+    if not separator:
+        if not url_or_path.strip():
+            raise ConfigError("the store URL is empty", "store.url")
+        return SqliteStore(Path(url_or_path).expanduser())
+    # Only the scheme goes into messages: a database URL may carry a password.
+    if scheme.lower() != SQLITE_SCHEME:
+        raise ConfigError(
+            f"unsupported store scheme {scheme!r}; supported: 'sqlite:///absolute/path.db' "
+            "or a plain file path",
+            "store.url",
+        )
+    if not rest.startswith("/") or rest == "/":
+        raise ConfigError(
+            "a sqlite store URL needs a path after three slashes: 'sqlite:///absolute/path.db'",
+            "store.url",
+        )
+    path = Path(rest[1:]).expanduser() if rest.startswith("/~") else Path(rest)
+    return SqliteStore(path)
+
+
+# --- schema -------------------------------------------------------------------------------------
+
+_Migration = Callable[[sqlite3.Connection], None]
+
+
+def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
+    # `tenants` holds one row per live tenant and its latest version: the row a writer checks
+    # (and, in PostgreSQL, locks with SELECT ... FOR UPDATE); `tenant_versions` is the history.
+    conn.execute(
+        """
+        CREATE TABLE tenants (
+            tenant_id TEXT PRIMARY KEY,
+            latest_version INTEGER NOT NULL
+        )
+        """
+    )
+    conn.execute(
+        """
+        CREATE TABLE tenant_versions (
+            tenant_id TEXT NOT NULL REFERENCES tenants (tenant_id) ON DELETE CASCADE,
+            version INTEGER NOT NULL,
+            preference TEXT NOT NULL,  -- JSON object: adapter name -> weight
+            merge TEXT NOT NULL,       -- JSON: MergeChoice.to_json()
+            updated_at TEXT NOT NULL,  -- ISO 8601, UTC offset included
+            PRIMARY KEY (tenant_id, version)
+        )
+        """
+    )
+    conn.execute(
+        """
+        CREATE TABLE adapters (
+            name TEXT PRIMARY KEY,
+            path TEXT NOT NULL,
+            registered_at TEXT NOT NULL  -- ISO 8601, UTC offset included
+        )
+        """
+    )
+
+
+# Step i takes the schema from version i to i + 1. Released steps never change: a new schema
+# appends a step (a function, so that it can rewrite data as well as tables).
+_MIGRATIONS: tuple[_Migration, ...] = (_migrate_0_to_1,)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+# --- SQLite -------------------------------------------------------------------------------------
+
+
+class SqliteStore:
+    """`Store` on one SQLite file (WAL journal, foreign keys on, synchronous=NORMAL).
+
+    Thread safety: one connection guarded by a lock. Every operation is a few indexed
+    statements on a local file (well under a millisecond), so serialising them costs nothing
+    next to a merge, and a single connection is closed deterministically by `close()`, unlike
+    per-thread connections that outlive the executor's threads. Writes still run in
+    `BEGIN IMMEDIATE` transactions, which take SQLite's write lock up front, so writers in other
+    connections or processes on the same file (a second replica, the CLI) serialise too and
+    never read a version that another writer is about to take.
+    """
+
+    def __init__(self, path: Path, busy_timeout_seconds: float = 5.0) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # isolation_level=None: no implicit transactions; this class issues BEGIN/COMMIT itself.
+        self._conn = sqlite3.connect(
+            path, timeout=busy_timeout_seconds, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self._configure()
+            self._migrate()
+        except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"
+            self._conn.close()
+            raise ConfigError(f"cannot open the store {str(path)!r}: {exc}") from exc
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _configure(self) -> None:
+        (mode,) = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if str(mode).lower() != "wal":  # e.g. a file system without shared memory
+            logger.warning("store %s: WAL journal unavailable, using %s", self.path, mode)
+        self._conn.execute("PRAGMA foreign_keys = ON")
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+
+    def _migrate(self) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                " id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)"
+            )
+            row = conn.execute("SELECT version FROM schema_version WHERE id = 1").fetchone()
+            current = 0 if row is None else int(row[0])
+            if current > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"the store {str(self.path)!r} has schema version {current}, but this "
+                    f"loramerge only knows versions up to {SCHEMA_VERSION}; upgrade loramerge "
+                    "or point it at another store"
+                )
+            for version in range(current, SCHEMA_VERSION):
+                logger.info("store %s: migrating schema %d -> %d", self.path, version, version + 1)
+                _MIGRATIONS[version](conn)
+            if row is None:
+                conn.execute(
+                    "INSERT INTO schema_version (id, version) VALUES (1, ?)", (SCHEMA_VERSION,)
+                )
+            elif current < SCHEMA_VERSION:
+                conn.execute(
+                    "UPDATE schema_version SET version = ? WHERE id = 1", (SCHEMA_VERSION,)
+                )
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed on success, rolled back on any exception."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction, so that several statements see one snapshot."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                yield self._conn
+            finally:
+                self._conn.execute("COMMIT")
+
+    # --- tenants ---
+
+    def set_tenant(
+        self,
+        tenant_id: str,
+        preference: Mapping[str, float],
+        merge: MergeChoice,
+        expected_version: int | None = None,
+    ) -> TenantRecord:
+        validate_tenant_id(tenant_id)
+        # allow_nan=False: NaN is not JSON (PostgreSQL's jsonb rejects it); validation upstream
+        # keeps it out, so reaching this raises ValueError as the bug it would be.
+        preference_json = json.dumps(
+            {name: float(weight) for name, weight in preference.items()},
+            sort_keys=True,
+            allow_nan=False,
+        )
+        merge_json = json.dumps(merge.to_json(), sort_keys=True, allow_nan=False)
+        with self._write() as conn:
+            updated_at = _now()  # inside the write lock: later versions never get earlier times
+            row = conn.execute(
+                "SELECT latest_version FROM tenants WHERE tenant_id = ?", (tenant_id,)
+            ).fetchone()
+            current = 0 if row is None else int(row[0])
+            if expected_version is not None and expected_version != current:
+                state = f"is at version {current}" if current else "does not exist (version 0)"
+                raise ConflictError(
+                    f"tenant {tenant_id!r} {state}, not at version {expected_version}",
+                    "expected_version",
+                )
+            version = current + 1
+            if row is None:
+                conn.execute(
+                    "INSERT INTO tenants (tenant_id, latest_version) VALUES (?, ?)",
+                    (tenant_id, version),
+                )
+            else:
+                conn.execute(
+                    "UPDATE tenants SET latest_version = ? WHERE tenant_id = ?",
+                    (version, tenant_id),
+                )
+            conn.execute(
+                "INSERT INTO tenant_versions (tenant_id, version, preference, merge, updated_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (tenant_id, version, preference_json, merge_json, updated_at.isoformat()),
+            )
+        # Decoded from what was stored, so that this equals what get_tenant returns later.
+        return _tenant(tenant_id, version, preference_json, merge_json, updated_at.isoformat())
+
+    def get_tenant(self, tenant_id: str, version: int | None = None) -> TenantRecord:
+        with self._read() as conn:
+            if version is None:
+                row = conn.execute(
+                    f"{_SELECT_LATEST} WHERE t.tenant_id = ?", (tenant_id,)
+                ).fetchone()
+            else:
+                row = conn.execute(
+                    f"{_SELECT_VERSION} WHERE tenant_id = ? AND version = ?", (tenant_id, version)
+                ).fetchone()
+            if row is None and version is not None and self._tenant_exists(conn, tenant_id):
+                raise NotFoundError(f"tenant {tenant_id!r} has no version {version}", "version")
+        if row is None:
+            raise NotFoundError(f"no tenant {tenant_id!r}", "tenant_id")
+        return _tenant(*row)
+
+    @staticmethod
+    def _tenant_exists(conn: sqlite3.Connection, tenant_id: str) -> bool:
+        query = "SELECT 1 FROM tenants WHERE tenant_id = ?"
+        return conn.execute(query, (tenant_id,)).fetchone() is not None
+
+    def list_tenants(self, limit: int, after: str | None = None) -> list[TenantRecord]:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        # Ordering by TEXT is byte order in SQLite; PostgreSQL needs COLLATE "C" to match.
+        with self._read() as conn:
+            rows = conn.execute(
+                f"{_SELECT_LATEST} WHERE t.tenant_id > ? ORDER BY t.tenant_id LIMIT ?",
+                ("" if after is None else after, limit),
+            ).fetchall()
+        return [_tenant(*row) for row in rows]
+
+    def delete_tenant(self, tenant_id: str) -> None:
+        with self._write() as conn:
+            # ON DELETE CASCADE removes the history.
+            deleted = conn.execute("DELETE FROM tenants WHERE tenant_id = ?", (tenant_id,))
+            if deleted.rowcount == 0:
+                raise NotFoundError(f"no tenant {tenant_id!r}", "tenant_id")
+
+    # --- adapters ---
+
+    def add_adapter(self, name: str, path: Path) -> AdapterRegistration:
+        with self._write() as conn:
+            registered_at = _now()
+            if conn.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone():
+                raise AlreadyExistsError(f"adapter {name!r} is already registered", "name")
+            conn.execute(
+                "INSERT INTO adapters (name, path, registered_at) VALUES (?, ?, ?)",
+                (name, str(path), registered_at.isoformat()),
+            )
+        return AdapterRegistration(name=name, path=Path(path), registered_at=registered_at)
+
+    def remove_adapter(self, name: str) -> None:
+        with self._write() as conn:
+            deleted = conn.execute("DELETE FROM adapters WHERE name = ?", (name,))
+            if deleted.rowcount == 0:
+                raise NotFoundError(f"no registered adapter {name!r}", "name")
+
+    def list_adapters(self) -> list[AdapterRegistration]:
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT name, path, registered_at FROM adapters ORDER BY name"
+            ).fetchall()
+        return [
+            AdapterRegistration(
+                name=name, path=Path(path), registered_at=datetime.fromisoformat(registered_at)
+            )
+            for name, path, registered_at in rows
+        ]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+_COLUMNS = "tenant_id, version, preference, merge, updated_at"
+_SELECT_VERSION = f"SELECT {_COLUMNS} FROM tenant_versions"
+_SELECT_LATEST = (
+    "SELECT v.tenant_id, v.version, v.preference, v.merge, v.updated_at"
+    " FROM tenants t JOIN tenant_versions v"
+    " ON v.tenant_id = t.tenant_id AND v.version = t.latest_version"
+)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _tenant(
+    tenant_id: str, version: int, preference: str, merge: str, updated_at: str
+) -> TenantRecord:
+    weights: dict[str, Any] = json.loads(preference)
+    return TenantRecord(
+        tenant_id=tenant_id,
+        preference=MappingProxyType({name: float(weight) for name, weight in weights.items()}),
+        merge=MergeChoice.from_json(json.loads(merge)),
+        version=int(version),
+        updated_at=datetime.fromisoformat(updated_at),
+    )

@@ -1,0 +1,176 @@
+"""Protobuf ↔ domain translation: the only module that knows both."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from loramerge.merge_engine import LoraAdapter, MergedDiagnostics, MergeReport, PoolDiagnostics
+from loramerge.merge_engine.diagnostics import ModuleDiagnostics, SpectrumStats, Summary
+from loramerge.v1 import adapters_pb2, inference_pb2, merge_pb2, merges_pb2, tenants_pb2
+
+from .domain import MergeChoice, TenantRecord
+from .errors import InvalidRequestError
+
+_PARAMETERS = (
+    "scaling",
+    "density",
+    "drop_rate",
+    "majority_sign",
+    "seed",
+    "inner",
+    "branch_rank",
+    "mix",
+)
+_FINISH = {
+    "stop": inference_pb2.FINISH_REASON_STOP,
+    "length": inference_pb2.FINISH_REASON_LENGTH,
+    "abort": inference_pb2.FINISH_REASON_ABORT,
+}
+
+
+def preference_from_proto(values: Mapping[str, float], field: str) -> dict[str, float]:
+    """Copy a proto preference map, rejecting NaN, infinite and negative weights early."""
+    for name, weight in values.items():
+        if not math.isfinite(weight) or weight < 0:
+            raise InvalidRequestError(
+                f"{field}[{name!r}]", f"weight must be finite and ≥ 0, got {weight}"
+            )
+    return dict(values)
+
+
+def merge_choice_from_proto(options: merge_pb2.MergeOptions) -> MergeChoice:
+    """The options a message states; unset fields stay None."""
+    parameters = options.parameters
+    params: dict[str, Any] = {
+        name: getattr(parameters, name) for name in _PARAMETERS if parameters.HasField(name)
+    }
+    return MergeChoice(
+        method=options.method or None,
+        pico=options.pico if options.HasField("pico") else None,
+        params=MappingProxyType(params),
+        svc=options.svc if options.HasField("svc") else None,
+        rank=options.rank if options.HasField("rank") else None,
+        energy_compensation=(
+            options.energy_compensation if options.HasField("energy_compensation") else None
+        ),
+    )
+
+
+def merge_choice_to_proto(choice: MergeChoice) -> merge_pb2.MergeOptions:
+    options = merge_pb2.MergeOptions(method=choice.method or "")
+    for name in ("pico", "svc", "rank", "energy_compensation"):
+        value = getattr(choice, name)
+        if value is not None:
+            setattr(options, name, value)
+    for name, value in choice.params.items():
+        setattr(options.parameters, name, value)
+    return options
+
+
+def tenant_to_proto(record: TenantRecord) -> tenants_pb2.Tenant:
+    stamp = Timestamp()
+    stamp.FromDatetime(record.updated_at)
+    return tenants_pb2.Tenant(
+        tenant_id=record.tenant_id,
+        preference=dict(record.preference),
+        merge=merge_choice_to_proto(record.merge),
+        version=record.version,
+        update_time=stamp,
+    )
+
+
+def finish_reason(reason: str | None) -> int:
+    return int(_FINISH.get(reason or "", inference_pb2.FINISH_REASON_UNSPECIFIED))
+
+
+def adapter_to_proto(adapter: LoraAdapter) -> adapters_pb2.AdapterInfo:
+    return adapters_pb2.AdapterInfo(
+        name=adapter.name,
+        path=str(adapter.path),
+        rank=max(module.rank for module in adapter.modules.values()),
+        target_modules=sorted({m.rsplit(".", 1)[-1] for m in adapter.modules}),
+        fingerprint=adapter.fingerprint,
+        base_model=adapter.base_model or "",
+    )
+
+
+def merge_response(
+    adapter_id: str,
+    cached: bool,
+    report: MergeReport,
+    phase_seconds: Mapping[str, float],
+    pool_fingerprint: str,
+) -> merges_pb2.MergeResponse:
+    response = merges_pb2.MergeResponse(
+        adapter_id=adapter_id,
+        cached=cached,
+        rank=report.rank,
+        retained_energy_min=report.retained_energy_min,
+        retained_energy_mean=report.retained_energy_mean,
+        merged_norm=report.merged_norm,
+        final_norm=report.final_norm,
+        phase_seconds=dict(phase_seconds),
+        pool_fingerprint=pool_fingerprint,
+        method=report.method,
+        preference=dict(report.preference),
+    )
+    if report.calibration_cache_hit is not None:
+        response.calibration_cache_hit = report.calibration_cache_hit
+    return response
+
+
+def _summary(summary: Summary) -> adapters_pb2.DiagnosticsSummary:
+    return adapters_pb2.DiagnosticsSummary(
+        modules=summary.modules,
+        mean_overlap_b=summary.mean_overlap_b,
+        mean_overlap_a=summary.mean_overlap_a,
+        mean_effective_rank_b=summary.mean_effective_rank_b,
+        mean_effective_rank_a=summary.mean_effective_rank_a,
+        mean_shared_energy=list(summary.mean_shared_energy),
+    )
+
+
+def _matrix(rows: tuple[tuple[float, ...], ...]) -> adapters_pb2.Matrix:
+    return adapters_pb2.Matrix(size=len(rows), values=[v for row in rows for v in row])
+
+
+def _module(item: ModuleDiagnostics) -> adapters_pb2.ModuleDiagnostics:
+    return adapters_pb2.ModuleDiagnostics(
+        module=item.module,
+        overlap_b=_matrix(item.overlap_b),
+        overlap_a=_matrix(item.overlap_a),
+        effective_rank_b=list(item.effective_rank_b),
+        effective_rank_a=list(item.effective_rank_a),
+        shared_energy=list(item.shared_energy),
+        shared_contribution=[v for row in item.shared_contribution for v in row],
+    )
+
+
+def _spectrum(stats: SpectrumStats) -> adapters_pb2.SpectrumStats:
+    return adapters_pb2.SpectrumStats(
+        max_energy_share=stats.max_energy_share,
+        effective_rank=stats.effective_rank,
+        stable_rank=stats.stable_rank,
+        condition_number=stats.condition_number,
+        frobenius_norm=stats.frobenius_norm,
+    )
+
+
+def diagnostics_response(
+    pool: PoolDiagnostics, merged: MergedDiagnostics | None, per_module: bool
+) -> adapters_pb2.GetDiagnosticsResponse:
+    response = adapters_pb2.GetDiagnosticsResponse(
+        adapters=list(pool.adapters),
+        overall=_summary(pool.overall),
+        by_module_type={kind: _summary(s) for kind, s in pool.by_module_type.items()},
+        modules=[_module(m) for m in pool.modules] if per_module else [],
+    )
+    if merged is not None:
+        response.merged_without_pico.CopyFrom(_spectrum(merged.mean_without_pico))
+        response.merged_with_pico.CopyFrom(_spectrum(merged.mean_with_pico))
+    return response

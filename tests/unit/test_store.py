@@ -1,0 +1,258 @@
+"""The SQLite store on real files: versioned tenants, pagination, preconditions, restarts,
+concurrent writers, registered adapters and the schema version."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from loramerge.server.domain import MergeChoice
+from loramerge.server.errors import (
+    AlreadyExistsError,
+    ConfigError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from loramerge.server.store import SCHEMA_VERSION, SqliteStore, open_store
+
+TIES = MergeChoice(method="ties", pico=True, params={"density": 0.5}, rank=8)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "loramerge.db"  # the parent does not exist yet
+
+
+@pytest.fixture
+def store(db: Path) -> Iterator[SqliteStore]:
+    opened = SqliteStore(db)
+    yield opened
+    opened.close()
+
+
+def test_every_set_is_a_new_version_and_history_stays_readable(store: SqliteStore) -> None:
+    first = store.set_tenant("acme", {"code": 1.0}, MergeChoice())
+    second = store.set_tenant("acme", {"code": 0.25, "math": 0.75}, TIES)
+    store.set_tenant("globex", {"math": 1.0}, MergeChoice())  # versions are per tenant
+
+    assert (first.version, second.version) == (1, 2)
+    assert store.get_tenant("acme") == second
+    assert store.get_tenant("acme", version=1) == first
+    assert store.get_tenant("acme", version=2).preference == {"code": 0.25, "math": 0.75}
+    assert store.get_tenant("acme").merge == TIES
+    assert store.get_tenant("globex").version == 1
+    assert second.updated_at.utcoffset() == timedelta(0)
+    assert first.updated_at <= second.updated_at
+
+
+def test_missing_tenant_or_version_names_the_field(store: SqliteStore) -> None:
+    with pytest.raises(NotFoundError) as absent:
+        store.get_tenant("nobody")
+    assert absent.value.field == "tenant_id"
+    with pytest.raises(NotFoundError) as absent:
+        store.get_tenant("nobody", version=1)
+    assert absent.value.field == "tenant_id"
+
+    store.set_tenant("acme", {"code": 1.0}, MergeChoice())
+    for version in (0, 2):
+        with pytest.raises(NotFoundError) as missing:
+            store.get_tenant("acme", version=version)
+        assert missing.value.field == "version"
+
+
+def test_invalid_tenant_id_is_not_stored(store: SqliteStore) -> None:
+    with pytest.raises(InvalidRequestError) as invalid:
+        store.set_tenant("no spaces", {"code": 1.0}, MergeChoice())
+    assert invalid.value.field == "tenant_id"
+    assert store.list_tenants(limit=10) == []
+
+
+def test_list_gives_latest_versions_ordered_by_id_and_pages_with_after(
+    store: SqliteStore,
+) -> None:
+    for tenant_id in ["delta", "bravo", "alpha", "charlie"]:
+        store.set_tenant(tenant_id, {"code": 1.0}, MergeChoice())
+    store.set_tenant("bravo", {"math": 1.0}, TIES)
+
+    page = store.list_tenants(limit=2)
+    assert [(t.tenant_id, t.version) for t in page] == [("alpha", 1), ("bravo", 2)]
+    assert page[1] == store.get_tenant("bravo")
+    page = store.list_tenants(limit=2, after=page[-1].tenant_id)
+    assert [t.tenant_id for t in page] == ["charlie", "delta"]
+    assert store.list_tenants(limit=2, after="delta") == []
+    assert [t.tenant_id for t in store.list_tenants(limit=10, after="b")] == [
+        "bravo",
+        "charlie",
+        "delta",
+    ]
+
+
+def test_delete_removes_history_and_a_new_tenant_starts_at_version_1(
+    store: SqliteStore,
+) -> None:
+    for weight in (1.0, 2.0, 3.0):
+        store.set_tenant("acme", {"code": weight}, MergeChoice())
+    store.delete_tenant("acme")
+
+    with pytest.raises(NotFoundError):
+        store.get_tenant("acme")
+    assert store.list_tenants(limit=10) == []
+    reborn = store.set_tenant("acme", {"math": 1.0}, MergeChoice())
+    assert reborn.version == 1
+    assert store.get_tenant("acme", version=1).preference == {"math": 1.0}
+    with pytest.raises(NotFoundError) as gone:
+        store.get_tenant("acme", version=2)  # the old history went with the delete
+    assert gone.value.field == "version"
+
+    with pytest.raises(NotFoundError) as absent:
+        store.delete_tenant("nobody")
+    assert absent.value.field == "tenant_id"
+
+
+def test_expected_version_is_a_precondition(store: SqliteStore) -> None:
+    assert store.set_tenant("acme", {"code": 1.0}, MergeChoice(), expected_version=0).version == 1
+    with pytest.raises(ConflictError) as exists:
+        store.set_tenant("acme", {"code": 2.0}, MergeChoice(), expected_version=0)
+    assert exists.value.field == "expected_version"
+    assert "version 1" in str(exists.value)
+
+    assert store.set_tenant("acme", {"code": 2.0}, MergeChoice(), expected_version=1).version == 2
+    with pytest.raises(ConflictError) as stale:
+        store.set_tenant("acme", {"code": 9.0}, MergeChoice(), expected_version=1)
+    assert "version 2" in str(stale.value)
+    assert store.get_tenant("acme").preference == {"code": 2.0}  # nothing stored on conflict
+
+    with pytest.raises(ConflictError) as absent:
+        store.set_tenant("globex", {"code": 1.0}, MergeChoice(), expected_version=3)
+    assert "does not exist" in str(absent.value)
+    with pytest.raises(NotFoundError):
+        store.get_tenant("globex")
+
+
+def test_tenants_and_adapters_survive_a_restart(db: Path, tmp_path: Path) -> None:
+    before = SqliteStore(db)
+    stored = [
+        before.set_tenant("acme", {"code": 1.0}, MergeChoice()),
+        before.set_tenant("acme", {"code": 0.5, "math": 0.5}, TIES),
+    ]
+    registered = before.add_adapter("legal", tmp_path / "adapters" / "legal")
+    before.close()
+
+    after = SqliteStore(db)
+    try:
+        assert [after.get_tenant("acme", version=v) for v in (1, 2)] == stored
+        assert after.list_adapters() == [registered]
+        assert after.set_tenant("acme", {"code": 1.0}, MergeChoice()).version == 3
+    finally:
+        after.close()
+
+
+def test_concurrent_sets_get_consecutive_versions(db: Path) -> None:
+    """8 threads on two stores (two connections) on one file: the in-process lock and
+    BEGIN IMMEDIATE across connections both serialise the writers."""
+    threads, sets_each = 8, 50
+    stores = [SqliteStore(db), SqliteStore(db)]
+    start = threading.Barrier(threads)
+
+    def writer(index: int) -> list[int]:
+        start.wait()
+        store = stores[index % len(stores)]
+        return [
+            store.set_tenant("acme", {"code": float(index)}, MergeChoice()).version
+            for _ in range(sets_each)
+        ]
+
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            versions = [v for batch in pool.map(writer, range(threads)) for v in batch]
+        total = threads * sets_each
+        assert sorted(versions) == list(range(1, total + 1))
+        assert stores[0].get_tenant("acme").version == total
+        assert all(stores[1].get_tenant("acme", version=v) for v in range(1, total + 1))
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_adapters_are_added_listed_and_removed(store: SqliteStore, tmp_path: Path) -> None:
+    store.add_adapter("math", tmp_path / "math")
+    legal = store.add_adapter("legal", tmp_path / "legal")
+    assert legal.path == tmp_path / "legal"
+    assert legal.registered_at.utcoffset() == timedelta(0)
+    assert [a.name for a in store.list_adapters()] == ["legal", "math"]
+
+    with pytest.raises(AlreadyExistsError) as duplicate:
+        store.add_adapter("legal", tmp_path / "elsewhere")
+    assert duplicate.value.field == "name"
+    assert store.list_adapters()[0] == legal
+
+    store.remove_adapter("legal")
+    assert [a.name for a in store.list_adapters()] == ["math"]
+    with pytest.raises(NotFoundError) as absent:
+        store.remove_adapter("legal")
+    assert absent.value.field == "name"
+
+
+def test_a_newer_schema_is_refused_naming_file_and_versions(db: Path) -> None:
+    SqliteStore(db).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 98,))
+    conn.close()
+
+    with pytest.raises(ConfigError) as newer:
+        SqliteStore(db)
+    message = str(newer.value)
+    assert str(db) in message
+    assert f"schema version {SCHEMA_VERSION + 98}" in message
+    assert f"up to {SCHEMA_VERSION}" in message
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"these are not the tables you are looking for" * 100)
+    with pytest.raises(ConfigError, match=r"notes\.db"):
+        SqliteStore(path)
+
+
+def test_journal_is_wal(store: SqliteStore, db: Path) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    finally:
+        conn.close()
+
+
+def test_open_store_accepts_sqlite_urls_and_plain_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for spec, expected in [
+        (f"sqlite://{tmp_path}/url.db", tmp_path / "url.db"),
+        (str(tmp_path / "plain.db"), tmp_path / "plain.db"),
+        ("sqlite:///~/.local/share/loramerge/home.db", tmp_path / "home/.local/share/loramerge"),
+    ]:
+        store = open_store(spec)
+        store.close()
+        assert isinstance(store, SqliteStore)
+        assert expected.exists()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["postgresql://loramerge:hunter2@db/loramerge", "sqlite://relative.db", "sqlite:///", ""],
+)
+def test_open_store_refuses_other_urls(spec: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        open_store(spec)
+    assert refused.value.field == "store.url"
+    assert "hunter2" not in str(refused.value)  # URLs may carry passwords
+    if spec.startswith("postgresql"):
+        assert "sqlite:///" in str(refused.value)
