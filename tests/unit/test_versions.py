@@ -80,7 +80,7 @@ def test_concurrent_requests_share_one_merge(pool3: AdapterPool, tmp_path: Path)
         assert len(engine.added) == 1
         async with versions.lease(pool3, MergeSpec(), rho(1.0001, 1, 0)) as lease:
             assert lease.cached  # rounds to the same preference
-        name, lora_id, path = engine.added[0]
+        *_, path = engine.added[0]
         assert load_adapter(Path(path)).modules  # a real PEFT adapter on disk
         await versions.close()
         assert not Path(path).exists()
