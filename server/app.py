@@ -14,7 +14,6 @@ import signal
 from pathlib import Path
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -30,7 +29,7 @@ from loramerge.v1 import (
 )
 
 from .config import Settings
-from .engine import EngineSlot, lora_request, open_engine
+from .engine import EngineSlot, adapter_dtype, lora_request, open_engine
 from .errors import ConfigError
 from .inference import InferenceServicer
 from .interceptors import ServiceInterceptor
@@ -51,7 +50,6 @@ SERVICES = {
     "adapters": adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
 }
 NEED_ENGINE = ("", SERVICES["inference"], SERVICES["merges"])
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_assets(settings: Settings) -> tuple[Path, dict[str, Path]]:
@@ -96,14 +94,13 @@ async def _run(
     slot = EngineSlot()
     selector = Selector(settings, store, registry)
     merge = settings.merge
-    engine_dtype = _DTYPES.get(settings.engine.dtype, torch.bfloat16)
     versions = MergedVersions(
         slot,
         lora_request,
         metrics,
         capacity=min(merge.cache_size, settings.engine.resident_adapters),
         export_dir=merge.export_dir,
-        export_dtype=engine_dtype,
+        export_dtype=adapter_dtype(settings.engine),
         preference_step=merge.preference_step,
         device=merge.device,
         dtype=merge.dtype,

@@ -81,6 +81,9 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .engine import quiet_vllm
+
+    quiet_vllm()  # before vLLM is imported
     from .app import serve
 
     settings = load_settings(args.config, overrides=_serve_overrides(args))

@@ -8,6 +8,7 @@ work).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -15,13 +16,24 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .config import EngineSettings
 from .errors import EngineUnavailableError
 
 logger = logging.getLogger(__name__)
 
-CPU_MEMORY_FRACTION = 0.25  # on the CPU backend this is the share of RAM for the KV cache
 GPU_MEMORY_FRACTION = 0.9
+CPU_KV_CACHE_BYTES = 1 << 30  # on the CPU an explicit KV size also skips a profiling pass
+SHUTDOWN_TIMEOUT = 5.0
+ENGINE_CALL_TIMEOUT = 60.0  # vLLM's LoRA calls never return if the engine dies meanwhile
+
+
+def quiet_vllm() -> None:
+    """vLLM reads these at import: no usage reporting, warnings and errors only (unless the
+    operator chose otherwise)."""
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 def on_cpu() -> bool:
@@ -34,16 +46,19 @@ def engine_args(settings: EngineSettings, model: Path) -> Any:
     """vLLM AsyncEngineArgs for `model` as the settings say."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    cpu = on_cpu()
-    fraction = settings.gpu_memory_utilization or (
-        CPU_MEMORY_FRACTION if cpu else GPU_MEMORY_FRACTION
-    )
+    memory: dict[str, Any] = {"gpu_memory_utilization": settings.gpu_memory_utilization}
+    if settings.gpu_memory_utilization is None:
+        memory = (
+            {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+            if on_cpu()
+            else {"gpu_memory_utilization": GPU_MEMORY_FRACTION}
+        )
     return AsyncEngineArgs(
         model=str(model),
         tokenizer=str(model),
         dtype=settings.dtype,
         max_model_len=settings.max_model_len,
-        gpu_memory_utilization=fraction,
+        **memory,
         enable_lora=True,
         max_loras=settings.max_loras,
         max_cpu_loras=settings.resident_adapters,
@@ -61,15 +76,21 @@ async def open_engine(settings: EngineSettings, model: Path) -> AsyncIterator[An
     """Start AsyncLLM for `model`; shut it down (engine core process included) on exit."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    # The engine core is a child process; "spawn" keeps it independent of our threads.
-    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     logger.info("starting vLLM engine", extra={"model": str(model), "cpu": on_cpu()})
-    engine = AsyncLLM.from_engine_args(engine_args(settings, model))
+    # Built in a thread: construction takes tens of seconds and must not stall the gRPC server
+    # (health checks keep answering NOT_SERVING meanwhile).
+    engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args(settings, model))
     try:
         yield engine
     finally:
-        engine.shutdown()
+        # shutdown() is synchronous and force-kills the engine core after the timeout.
+        await asyncio.to_thread(engine.shutdown, SHUTDOWN_TIMEOUT)
         logger.info("vLLM engine stopped")
+
+
+def adapter_dtype(settings: EngineSettings) -> torch.dtype:
+    """The precision merged adapters are written in: the model's ("auto": bfloat16)."""
+    return getattr(torch, settings.dtype) if settings.dtype != "auto" else torch.bfloat16
 
 
 def lora_request(name: str, lora_id: int, path: str) -> Any:
@@ -105,10 +126,13 @@ class EngineSlot:
         return self._engine
 
     async def add_lora(self, lora_request: object) -> bool:
-        return bool(await self.engine.add_lora(lora_request))
+        return bool(await self._call(self.engine.add_lora(lora_request)))
 
     async def remove_lora(self, lora_id: int) -> bool:
-        return bool(await self.engine.remove_lora(lora_id))
+        return bool(await self._call(self.engine.remove_lora(lora_id)))
 
-    async def pin_lora(self, lora_id: int) -> bool:
-        return bool(await self.engine.pin_lora(lora_id))
+    async def _call(self, call: Any) -> Any:
+        try:
+            return await asyncio.wait_for(call, ENGINE_CALL_TIMEOUT)
+        except TimeoutError:
+            raise EngineUnavailableError("the inference engine did not answer") from None

@@ -85,6 +85,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):  # type: ignore[m
 
     async def _run(self, request: inference_pb2.GenerateRequest) -> AsyncIterator[Chunk]:
         """Validate, select the adapter, generate; yields text deltas as they come."""
+        from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         arrived = time.perf_counter()
@@ -97,7 +98,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):  # type: ignore[m
         annotate(tenant=request.tenant_id, request_id=request_id)
         self._metrics.count_tenant(request.tenant_id)
         try:
-            prompt = self._prompt(request, engine)
+            prompt = self._prompt(request, engine, sampling.max_tokens)
             selection = await self._selector.select(
                 request.tenant_id,
                 translate.preference_from_proto(request.preference, "preference"),
@@ -114,60 +115,71 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):  # type: ignore[m
                     adapter_id, lora = lease.version.adapter_id, lease.version.lora_request
                     annotate(adapter_id=adapter_id, merge_cached=lease.cached)
                 produced = 0
-                finished = False
-                try:
-                    outputs = engine.generate(prompt, sampling, request_id, lora_request=lora)
-                    async for output in outputs:
-                        completion = output.outputs[0]
-                        if produced == 0 and completion.token_ids:
-                            ttft = time.perf_counter() - arrived
-                            self._metrics.time_to_first_token.observe(ttft)
-                            annotate(ttft_seconds=round(ttft, 4))
-                        produced += len(completion.token_ids)
-                        self._metrics.generated_tokens.inc(len(completion.token_ids))
-                        finished = output.finished
-                        yield Chunk(
-                            completion.text,
-                            completion.finish_reason if output.finished else None,
-                            len(output.prompt_token_ids or ()),
-                            produced,
-                            adapter_id,
-                        )
-                finally:
-                    if not finished:  # cancelled or failed mid-way: free the engine's slot
-                        await engine.abort(request_id)
+                # Cancelling this generator (client gone) makes vLLM abort the request.
+                async for output in engine.generate(
+                    prompt, sampling, request_id, lora_request=lora
+                ):
+                    completion = output.outputs[0]
+                    if produced == 0 and completion.token_ids:
+                        ttft = time.perf_counter() - arrived
+                        self._metrics.time_to_first_token.observe(ttft)
+                        annotate(ttft_seconds=round(ttft, 4))
+                    produced += len(completion.token_ids)
+                    self._metrics.generated_tokens.inc(len(completion.token_ids))
+                    yield Chunk(
+                        completion.text,
+                        completion.finish_reason if output.finished else None,
+                        len(prompt["prompt_token_ids"]),
+                        produced,
+                        adapter_id,
+                    )
                 annotate(completion_tokens=produced)
         except EngineDeadError as err:
             raise EngineUnavailableError(f"the inference engine stopped: {err}") from None
-        except ValueError as err:  # vLLM's input validation (e.g. prompt too long)
-            raise InvalidRequestError("prompt", str(err)) from None
+        except VLLMValidationError as err:
+            raise InvalidRequestError(
+                getattr(err, "parameter", None) or "prompt", str(err)
+            ) from None
         finally:
             self._in_flight -= 1
 
-    def _prompt(self, request: inference_pb2.GenerateRequest, engine: Any) -> str:
+    def _prompt(
+        self, request: inference_pb2.GenerateRequest, engine: Any, max_tokens: int
+    ) -> dict[str, list[int]]:
+        """Token ids of the prompt (raw text, or chat messages through the chat template)."""
         if bool(request.prompt) == bool(request.messages):
             raise InvalidRequestError("prompt", "give exactly one of prompt and messages")
-        if request.prompt:
-            return str(request.prompt)
-        messages = []
-        for index, message in enumerate(request.messages):
-            if message.role not in ROLES:
-                raise InvalidRequestError(
-                    f"messages[{index}].role",
-                    f"must be one of {', '.join(ROLES)}, got {message.role!r}",
-                )
-            messages.append({"role": message.role, "content": message.content})
         tokenizer = engine.get_tokenizer()
-        rendered = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return str(rendered)
+        field = "prompt"
+        if request.prompt:
+            ids = tokenizer.encode(request.prompt)
+        else:
+            field = "messages"
+            messages = []
+            for index, message in enumerate(request.messages):
+                if message.role not in ROLES:
+                    raise InvalidRequestError(
+                        f"messages[{index}].role",
+                        f"must be one of {', '.join(ROLES)}, got {message.role!r}",
+                    )
+                messages.append({"role": message.role, "content": message.content})
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) + max_tokens > self._max_model_len:
+            raise InvalidRequestError(
+                field,
+                f"{len(ids)} prompt tokens + max_tokens {max_tokens} exceed the context length "
+                f"{self._max_model_len}",
+            )
+        return {"prompt_token_ids": list(ids)}
 
     def _sampling(self, request: inference_pb2.GenerateRequest) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         max_tokens = request.max_tokens if request.HasField("max_tokens") else DEFAULT_MAX_TOKENS
-        if not 1 <= max_tokens <= self._max_model_len:
+        if not 1 <= max_tokens < self._max_model_len:
             raise InvalidRequestError(
                 "max_tokens", f"must be in [1, {self._max_model_len}], got {max_tokens}"
             )

@@ -12,7 +12,12 @@ import sys
 import time
 from typing import Any
 
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+# Attributes every record has (and one vLLM adds to every record): not request fields.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "vllm_process_name",
+}
 _request_fields: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "loramerge_request_fields", default=None
 )

@@ -5,10 +5,13 @@ when enabled, and then at most `tenant_label_cap` distinct ones (the rest count 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from .config import MetricsSettings
 
@@ -25,7 +28,7 @@ class Metrics:
         self.settings = settings
         self.merge_duration = Histogram(
             "loramerge_merge_duration_seconds",
-            "Time of one merge, by method and phase (calibrate, merge, svc, compact, "
+            "Time of one merge, by method and phase (calibrate, merge, svc, truncate, "
             "compensate, export, load, total).",
             ["method", "phase"],
             buckets=_FAST,
@@ -109,9 +112,27 @@ class Metrics:
         self.tenant_requests.labels(tenant=label).inc()
 
 
+# vLLM metric families with unbounded label values: vllm:lora_requests_info keeps one series per
+# set of adapter names ever seen, and every merged version has a new name.
+UNBOUNDED_FAMILIES = frozenset({"vllm:lora_requests_info"})
+
+
+class _Bounded(Collector):
+    """Everything in `source` except the families with unbounded label values."""
+
+    def __init__(self, source: CollectorRegistry) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        return (m for m in self._source.collect() if m.name not in UNBOUNDED_FAMILIES)
+
+
 def serve_metrics(
-    settings: MetricsSettings, registry: CollectorRegistry = REGISTRY
+    settings: MetricsSettings, source: CollectorRegistry = REGISTRY
 ) -> tuple[WSGIServer, threading.Thread]:
-    """Serve `registry` on http://host:port/metrics in a daemon thread."""
-    server, thread = start_http_server(settings.port, addr=settings.host, registry=registry)
+    """Serve `source` (ours and vLLM's metrics) on http://host:port/metrics in a daemon
+    thread, without the unbounded families."""
+    exposed = CollectorRegistry(auto_describe=False)
+    exposed.register(_Bounded(source))
+    server, thread = start_http_server(settings.port, addr=settings.host, registry=exposed)
     return server, thread

@@ -6,7 +6,9 @@ tmpfs under a name and path never used before, and `add_lora`s it; concurrent re
 same key wait for that one merge (single flight). Requests hold a lease while they run; versions
 nobody holds are evicted least-recently-used first (`remove_lora` + delete) when more than the
 capacity are resident, and at once when their pool is no longer current. Hot tenants' versions
-are pinned.
+are pinned (never evicted). The capacity never exceeds vLLM's max_cpu_loras, so vLLM's own LRU
+never drops a version we hold, and a directory is deleted only after its last request ended
+(vLLM reloads an adapter from its path when it needs it again).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from loramerge.merge_engine import (
     MergeReport,
     MergeSpec,
     merge,
+    resolve_device,
+    resolve_dtype,
     save_adapter,
 )
 
@@ -49,8 +53,6 @@ class LoraEngine(Protocol):
     async def add_lora(self, lora_request: object) -> bool: ...
 
     async def remove_lora(self, lora_id: int) -> bool: ...
-
-    async def pin_lora(self, lora_id: int) -> bool: ...
 
 
 LoraRequestFactory = Callable[[str, int, str], object]  # (name, int id, path) → LoRARequest
@@ -187,16 +189,28 @@ class MergedVersions:
         version.leases += 1  # no await between the residency check and this
         try:
             if pin_for is not None:
-                await self._pin(version, pin_for)
+                self._pin(version, pin_for)
             yield Lease(version, cached)
         finally:
             version.leases -= 1
             await self._evict()
 
     async def pool_changed(self, pool: AdapterPool | None) -> None:
-        """Evict the unused versions of older pools now; the rest go when their leases end."""
+        """Evict the unused versions of older pools now; the rest go when their leases end.
+
+        Also warms the new pool in the background (stacked factors on the merge device, Pico's
+        calibration of the whole pool), so the first request does not pay for it.
+        """
         self._current_fingerprint = pool.fingerprint if pool is not None else ""
         await self._evict()
+        if pool is not None:
+            self._executor.submit(self._warm, pool)
+
+    def _warm(self, pool: AdapterPool) -> None:
+        device = resolve_device(self._device)
+        dtype = resolve_dtype(self._dtype)
+        pool.groups(device, dtype)
+        self.calibrations.get(pool, tuple(range(len(pool))), device, dtype)
 
     async def close(self) -> None:
         """Remove every version (engine and disk) and stop the merge workers."""
@@ -278,13 +292,11 @@ class MergedVersions:
         elif report.calibration_cache_hit is False:
             self._metrics.calibration_misses.inc()
 
-    async def _pin(self, version: Version, tenant_id: str) -> None:
+    def _pin(self, version: Version, tenant_id: str) -> None:
         for other in self._versions.values():
             if other.pinned_by == tenant_id and other is not version:
                 other.pinned_by = None
-        if version.pinned_by is None:
-            await self._engine.pin_lora(version.lora_id)
-        version.pinned_by = tenant_id
+        version.pinned_by = tenant_id  # ours only: vLLM's pin_lora would also take a GPU slot
 
     async def _evict(self) -> None:
         stale = [

@@ -165,7 +165,7 @@ def test_report_describes_the_merge(pool3: AdapterPool) -> None:
     assert report.method == "ties" and report.pico and report.energy_compensation
     assert report.preference == {"code": 0.25, "finance": 0.0, "math": 0.75}
     assert report.params.density == 0.2  # type: ignore[attr-defined]
-    assert {"calibrate", "merge", "compact", "compensate", "total"} <= set(report.timings)
+    assert {"calibrate", "merge", "compensate", "total"} <= set(report.timings)
     assert report.device == ("cuda" if torch.cuda.is_available() else "cpu")
     assert 0 < report.retained_energy_min <= report.retained_energy_mean <= 1
     assert report.final_norm > 0 and report.merged_norm > 0

@@ -20,7 +20,6 @@ class RecordingEngine:
     def __init__(self, load_seconds: float = 0.0) -> None:
         self.added: list[tuple[str, int, str]] = []
         self.removed: list[int] = []
-        self.pinned: list[int] = []
         self.load_seconds = load_seconds
 
     async def add_lora(self, request: object) -> bool:
@@ -30,10 +29,6 @@ class RecordingEngine:
 
     async def remove_lora(self, lora_id: int) -> bool:
         self.removed.append(lora_id)
-        return True
-
-    async def pin_lora(self, lora_id: int) -> bool:
-        self.pinned.append(lora_id)
         return True
 
 
@@ -101,7 +96,7 @@ def test_lru_eviction_spares_leased_and_pinned_versions(pool3: AdapterPool, tmp_
             assert versions.resident == 2
             ids = {v.adapter_id for v in versions.versions()}
             assert ids == {hot.version.adapter_id, held.version.adapter_id}
-        assert engine.pinned == [hot.version.lora_id]
+        assert hot.version.pinned_by == "hot"
         assert len(engine.removed) == 1
         lora_ids = [lora_id for _, lora_id, _ in engine.added]
         paths = [path for *_, path in engine.added]

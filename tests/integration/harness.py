@@ -1,0 +1,130 @@
+"""Runs the real `loramerge serve` process (real vLLM engine, real model) for the tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loramerge.v1 import inference_pb2
+
+INFERENCE = "loramerge.v1.Inference"
+START_TIMEOUT = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A `loramerge serve` subprocess on free local ports, with its own config and state."""
+
+    workdir: Path
+    settings: dict[str, object]
+    grpc_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    startup: list[tuple[float, str]] = field(default_factory=list)  # (seconds, observation)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "server.log"
+
+    def write_config(self) -> Path:
+        config = dict(self.settings)
+        config["grpc"] = {**dict(config.get("grpc", {})), "port": self.grpc_port}  # type: ignore[arg-type]
+        config["metrics"] = {**dict(config.get("metrics", {})), "port": self.metrics_port}  # type: ignore[arg-type]
+        path = self.workdir / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def start(self) -> None:
+        """Start the server and wait until every service is SERVING, recording what health and
+        Generate answered while the engine was still starting."""
+        config = self.write_config()
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "loramerge.server", "serve", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.startup = []
+        began = time.monotonic()
+        with grpc.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            generate = channel.unary_unary(
+                "/loramerge.v1.Inference/Generate",
+                request_serializer=inference_pb2.GenerateRequest.SerializeToString,
+                response_deserializer=inference_pb2.GenerateResponse.FromString,
+            )
+            while time.monotonic() - began < START_TIMEOUT:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited early; log:\n{self.log_tail()}")
+                try:
+                    status = health.Check(
+                        health_pb2.HealthCheckRequest(service=INFERENCE), timeout=2
+                    ).status
+                except grpc.RpcError:
+                    time.sleep(0.5)
+                    continue
+                seconds = round(time.monotonic() - began, 1)
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    self.startup.append((seconds, "SERVING"))
+                    return
+                self.startup.append((seconds, "NOT_SERVING"))
+                try:
+                    generate(inference_pb2.GenerateRequest(prompt="hi", max_tokens=1), timeout=5)
+                    self.startup.append((seconds, "Generate OK"))
+                except grpc.RpcError as error:
+                    self.startup.append((seconds, f"Generate {error.code().name}"))
+                time.sleep(1)
+        raise RuntimeError(f"server not SERVING after {START_TIMEOUT} s; log:\n{self.log_tail()}")
+
+    def stop(self) -> int:
+        """SIGTERM, then wait; returns the exit code."""
+        if self.process is None:
+            return 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self.process = None
+        return code
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def cleanup(self) -> None:
+        self.stop()
+        export_dir = Path(str(self.settings["merge"]["export_dir"]))  # type: ignore[index]
+        shutil.rmtree(export_dir, ignore_errors=True)
