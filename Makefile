@@ -13,11 +13,13 @@ STAMP := $(VENV)/.installed-$(DEVICE)
 PROTOS := $(wildcard proto/loramerge/v1/*.proto)
 STUBS := proto/loramerge/v1/.generated
 
-.PHONY: install proto serve prepare test lint unit integration bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install proto serve prepare test lint unit integration bench clean system-deps
 
 install: $(STAMP) $(STUBS)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	@echo "installing loramerge with the $(DEVICE) vLLM build into $(VENV) ..."
@@ -45,6 +47,13 @@ prepare: install
 serve: install
 	$(VENV)/bin/loramerge serve $(if $(CONFIG),--config $(CONFIG))
 
+# The metrics tests run a real Prometheus server (and promtool) against ours.
+system-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+		echo "installing prometheus (Debian package) for the metrics tests ..."; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		$(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -53,10 +62,10 @@ lint: install
 unit: install
 	$(VENV)/bin/pytest tests/unit
 
-integration: install
+integration: install system-deps
 	$(VENV)/bin/pytest tests/integration
 
-test: lint
+test: lint system-deps
 	$(VENV)/bin/pytest tests
 
 bench: install

@@ -8,6 +8,7 @@ Pure torch (plus safetensors for files): no vLLM, gRPC or server code. Typical u
 """
 
 from .adapter import LoraAdapter, LoraModule, load_adapter, validate_adapter_name
+from .device import resolve_device, resolve_dtype
 from .diagnostics import (
     MergedDiagnostics,
     PoolDiagnostics,
@@ -63,6 +64,8 @@ __all__ = [
     "merged_diagnostics",
     "normalize_preference",
     "pool_diagnostics",
+    "resolve_device",
+    "resolve_dtype",
     "save_adapter",
     "validate_adapter_name",
 ]

@@ -1,4 +1,4 @@
-"""One merge, end to end: preference → (Pico) → rule → (SVC) → compact → (compensation)."""
+"""One merge, end to end: preference → (Pico) → rule → (SVC) → (truncate) → (compensation)."""
 
 from __future__ import annotations
 
@@ -162,8 +162,9 @@ def merge(
         if spec.svc:
             with timer("svc"):
                 update = svc(update, tasks, spec.svc_alpha)
-        with timer("compact"):
-            update = compact(update, spec.rank)
+        if spec.rank is not None and update.rank > spec.rank:
+            with timer("truncate"):
+                update = compact(update, spec.rank)
         merged_sq = merged_sq + frobenius_sq(update.b, update.a).sum()
         if spec.pico and spec.energy_compensation:
             with timer("compensate"):

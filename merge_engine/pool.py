@@ -20,6 +20,7 @@ from .adapter import LoraAdapter, load_adapter
 from .errors import IncompatiblePoolError
 
 logger = logging.getLogger(__name__)
+_SHOWN = 3  # violations of one kind spelled out; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ def _validate(adapters: Sequence[LoraAdapter]) -> tuple[str, ...]:
                 f"adapter {adapter.name!r} ({adapter.path}) lacks modules the others adapt: "
                 f"{_preview(missing)}"
             )
+    mismatched = []
     for module in sorted(every_module, key=_natural_key):
         shapes = {
             a.name: (a.modules[module].out_features, a.modules[module].in_features)
@@ -164,7 +166,10 @@ def _validate(adapters: Sequence[LoraAdapter]) -> tuple[str, ...]:
         }
         if len(set(shapes.values())) > 1:
             listing = ", ".join(f"{name}: {d}x{k}" for name, (d, k) in shapes.items())
-            violations.append(f"module {module} has different shapes ({listing})")
+            mismatched.append(f"module {module} has different shapes ({listing})")
+    violations.extend(mismatched[:_SHOWN])
+    if len(mismatched) > _SHOWN:
+        violations.append(f"... and {len(mismatched) - _SHOWN} more modules with different shapes")
     if violations:
         raise IncompatiblePoolError(violations)
 

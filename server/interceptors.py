@@ -27,6 +27,7 @@ from .logs import begin_request
 from .metrics import Metrics
 
 logger = logging.getLogger("loramerge.request")
+MAX_MESSAGE = 2000
 
 STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -158,5 +159,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 def _failure(error: Exception, fields: dict[str, Any]) -> tuple[grpc.StatusCode, Any]:
     code, message, field = status_for(error)
+    if len(message) > MAX_MESSAGE:  # status travels in HTTP/2 headers (16 KiB for all of them)
+        message = f"{message[:MAX_MESSAGE]}… ({len(message) - MAX_MESSAGE} more characters)"
     fields["error"] = message
     return code, _rich_status(code, message, error, field)

