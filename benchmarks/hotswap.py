@@ -142,6 +142,103 @@ def median_ms(values: Sequence[float]) -> str:
     return f"{statistics.median(values) * 1000:.1f}"
 
 
+class Bench:
+    """The engine, the pool and both ways of serving a merged adapter."""
+
+    def __init__(self, engine: Any, pool: AdapterPool, settings: Any, shm: Path, disk: Path):
+        self.engine, self.pool, self.settings = engine, pool, settings
+        self.shm, self.disk = shm, disk
+        self.spec = MergeSpec(rank=settings.engine.max_lora_rank)
+        self.plain_ids = iter(range(100_000, 200_000))
+        tokenizer = engine.get_tokenizer()
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+        )
+        self.prompt = {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+
+    def versions(self) -> MergedVersions:
+        merge_settings = self.settings.merge
+        return MergedVersions(
+            self.engine,
+            lora_request,
+            Metrics(self.settings.metrics, CollectorRegistry()),
+            capacity=self.settings.engine.resident_adapters,
+            export_dir=self.shm,
+            export_dtype=adapter_dtype(self.settings.engine),
+            preference_step=merge_settings.preference_step,
+            device=merge_settings.device,
+            dtype=merge_settings.dtype,
+            max_concurrent_merges=1,
+            calibration_cache_size=merge_settings.calibration_cache_size,
+        )
+
+    def lease(self, versions: MergedVersions, preference: dict[str, float]) -> Any:
+        return versions.lease(self.pool, self.spec, _rho(self.pool, preference))
+
+    def plain_adapter(self, preference: dict[str, float]) -> Any:
+        """The same merged adapter, written to disk ahead of time (not timed)."""
+        result = merge(self.pool, preference, self.spec, device=self.settings.merge.device)
+        name = f"plain-{uuid.uuid4().hex[:8]}"
+        save_adapter(result, self.disk / name, dtype=adapter_dtype(self.settings.engine))
+        return lora_request(name, next(self.plain_ids), str(self.disk / name))
+
+    async def plain_first_token(self, preference: dict[str, float]) -> float:
+        adapter = self.plain_adapter(preference)
+        seconds = await first_token(self.engine, self.prompt, adapter)
+        await self.engine.remove_lora(adapter.lora_int_id)
+        return seconds
+
+    async def hotswap(self, trials: int) -> dict[str, list[float]]:
+        versions = self.versions()
+        await versions.pool_changed(self.pool)
+        for preference in preferences(self.pool.names, 2, offset=100):  # warm-up
+            async with self.lease(versions, preference) as lease:
+                await first_token(self.engine, self.prompt, lease.version.lora_request)
+            await self.plain_first_token(preference)
+        keys = ("merge", "export", "load", "first", "total", "resident", "plain")
+        rows: dict[str, list[float]] = {key: [] for key in keys}
+        for preference in preferences(self.pool.names, trials, offset=0):
+            start = time.perf_counter()
+            async with self.lease(versions, preference) as lease:
+                token = await first_token(self.engine, self.prompt, lease.version.lora_request)
+                rows["total"].append(time.perf_counter() - start)
+                phases = lease.version.phase_seconds
+                rows["merge"].append(phases["total"] - phases["export"] - phases["load"])
+                rows["export"].append(phases["export"])
+                rows["load"].append(phases["load"])
+                rows["first"].append(token)
+            async with self.lease(versions, preference) as lease:
+                assert lease.cached
+                token = await first_token(self.engine, self.prompt, lease.version.lora_request)
+                rows["resident"].append(token)
+            rows["plain"].append(await self.plain_first_token(preference))
+        await versions.close()
+        return rows
+
+    async def throughput(self, args: argparse.Namespace) -> tuple[list[float], list[float]]:
+        """8 tenants: ours and the plain adapters, alternating which goes first per round.
+        Exactly 16 adapters are loaded, within max_cpu_loras: nothing is evicted meanwhile."""
+        versions = self.versions()
+        await versions.pool_changed(self.pool)
+        tenant_prefs = preferences(self.pool.names, 8, offset=50)
+        plain_loras = [self.plain_adapter(p) for p in tenant_prefs]
+        ours: list[float] = []
+        plain: list[float] = []
+        async with AsyncExitStack() as stack:
+            leases = [
+                await stack.enter_async_context(self.lease(versions, p)) for p in tenant_prefs
+            ]
+            loras = [lease.version.lora_request for lease in leases]
+            for round_index in range(args.rounds):
+                runs = [(ours, loras), (plain, plain_loras)]
+                for rates, adapters in runs[:: 1 if round_index % 2 == 0 else -1]:
+                    rates.append(
+                        await run_all(self.engine, self.prompt, adapters, args.tokens, args.per)
+                    )
+        await versions.close()
+        return ours, plain
+
+
 async def benchmark(args: argparse.Namespace) -> None:
     from loramerge.server.defaults import prepare_defaults
 
@@ -150,84 +247,12 @@ async def benchmark(args: argparse.Namespace) -> None:
     pool = AdapterPool.load(assets.adapters)
     shm = Path(tempfile.mkdtemp(prefix="loramerge-bench-", dir="/dev/shm"))
     disk = Path(tempfile.mkdtemp(prefix="loramerge-bench-plain-"))
-    plain_ids = iter(range(100_000, 200_000))
-    spec = MergeSpec(rank=settings.engine.max_lora_rank)
     try:
         async with open_engine(settings.engine, assets.model_dir) as engine:
-            versions = MergedVersions(
-                engine,
-                lora_request,
-                Metrics(settings.metrics, CollectorRegistry()),
-                capacity=settings.engine.resident_adapters,
-                export_dir=shm,
-                export_dtype=adapter_dtype(settings.engine),
-                preference_step=settings.merge.preference_step,
-                device=settings.merge.device,
-                dtype=settings.merge.dtype,
-                max_concurrent_merges=1,
-                calibration_cache_size=settings.merge.calibration_cache_size,
-            )
-            await versions.pool_changed(pool)
-            tokenizer = engine.get_tokenizer()
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
-            )
-            prompt = {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
-
-            def plain_adapter(preference: dict[str, float]) -> Any:
-                """The same merged adapter, written to disk ahead of time (not timed)."""
-                result = merge(pool, preference, spec, device=settings.merge.device)
-                name = f"plain-{uuid.uuid4().hex[:8]}"
-                save_adapter(result, disk / name, dtype=adapter_dtype(settings.engine))
-                return lora_request(name, next(plain_ids), str(disk / name))
-
-            # Warm-up: kernels, the LoRA path and the calibration of the full pool.
-            for preference in preferences(pool.names, 2, offset=100):
-                async with versions.lease(pool, spec, _rho(pool, preference)) as lease:
-                    await first_token(engine, prompt, lease.version.lora_request)
-                await first_token(engine, prompt, plain_adapter(preference))
-
-            rows: dict[str, list[float]] = {
-                k: [] for k in ("merge", "export", "load", "first", "total", "resident", "plain")
-            }
-            for preference in preferences(pool.names, args.trials, offset=0):
-                plain = plain_adapter(preference)
-                start = time.perf_counter()
-                async with versions.lease(pool, spec, _rho(pool, preference)) as lease:
-                    token = await first_token(engine, prompt, lease.version.lora_request)
-                    rows["total"].append(time.perf_counter() - start)
-                    phases = lease.version.phase_seconds
-                    rows["merge"].append(phases["total"] - phases["export"] - phases["load"])
-                    rows["export"].append(phases["export"])
-                    rows["load"].append(phases["load"])
-                    rows["first"].append(token)
-                async with versions.lease(pool, spec, _rho(pool, preference)) as lease:
-                    assert lease.cached
-                    rows["resident"].append(
-                        await first_token(engine, prompt, lease.version.lora_request)
-                    )
-                rows["plain"].append(await first_token(engine, prompt, plain))
-
-            report_hotswap(rows, args.trials, len(pool))
-
-            # (b) throughput: 8 tenants with distinct versions vs the 8 plain adapters.
-            tenant_prefs = preferences(pool.names, 8, offset=50)
-            plain_loras = [plain_adapter(p) for p in tenant_prefs]
-            ours: list[float] = []
-            plain_rates: list[float] = []
-            for _ in range(args.rounds):
-                async with AsyncExitStack() as stack:
-                    leases = [
-                        await stack.enter_async_context(versions.lease(pool, spec, _rho(pool, p)))
-                        for p in tenant_prefs
-                    ]
-                    loras = [lease.version.lora_request for lease in leases]
-                    ours.append(await run_all(engine, prompt, loras, args.tokens, args.per))
-                plain_rates.append(
-                    await run_all(engine, prompt, plain_loras, args.tokens, args.per)
-                )
-            report_throughput(ours, plain_rates, args)
-            await versions.close()
+            bench = Bench(engine, pool, settings, shm, disk)
+            report_hotswap(await bench.hotswap(args.trials), args.trials, len(pool))
+            ours, plain = await bench.throughput(args)
+            report_throughput(ours, plain, args)
     finally:
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(disk, ignore_errors=True)
@@ -242,7 +267,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, help="server YAML config (engine settings)")
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4, help="(b) rounds, order alternating")
     parser.add_argument("--per", type=int, default=2, help="prompts per tenant in (b)")
     parser.add_argument("--tokens", type=int, default=32)
     quiet_vllm()

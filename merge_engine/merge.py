@@ -17,7 +17,7 @@ from .errors import InvalidParameterError
 from .linalg import LowRank, compact, frobenius_sq, pad_rank
 from .methods.base import MethodParams, TaskSet, check_finite, check_positive_int
 from .methods.registry import METHODS
-from .pico import CalibrationCache, compensate
+from .pico import CalibrationCache, compensation
 from .pool import AdapterPool
 from .preference import normalize_preference
 from .svc import svc
@@ -145,13 +145,13 @@ def merge(
 
     outputs: list[LowRank] = []
     merged_sq = torch.zeros((), device=device, dtype=dtype)
+    final_sq = torch.zeros((), device=device, dtype=dtype)
     for index, group in enumerate(groups):
         scaled_a = group.scaled_a()
-        raw_b = tuple(group.lora_b[i] for i in active)
         tasks = TaskSet(
             names=tuple(pool.names[i] for i in active),
             modules=group.modules,
-            b=calibrations[index].lora_b if spec.pico else raw_b,
+            b=calibrations[index].lora_b if spec.pico else tuple(group.lora_b[i] for i in active),
             a=tuple(scaled_a[i] for i in active),
             rho=rho_active,
             pool_size=len(pool),
@@ -165,24 +165,25 @@ def merge(
         if spec.rank is not None and update.rank > spec.rank:
             with timer("truncate"):
                 update = compact(update, spec.rank)
-        merged_sq = merged_sq + frobenius_sq(update.b, update.a).sum()
+        norm = frobenius_sq(update.b, update.a).sqrt()  # [G]
+        merged_sq = merged_sq + norm.square().sum()
         if spec.pico and spec.energy_compensation:
             with timer("compensate"):
-                norms = torch.stack(
-                    [frobenius_sq(b, a).sqrt() for b, a in zip(raw_b, tasks.a, strict=True)]
-                )  # [n, G]: the ORIGINAL (uncalibrated) updates
-                update = compensate(update, (rho_active[:, None] * norms).sum(dim=0))
+                # the ρ-weighted mean norm of the ORIGINAL (uncalibrated) updates
+                target = group.norms[:, list(active)] @ rho_active  # [G]
+                factor = compensation(norm, target)
+                update = update.with_factors(update.b * factor[:, None, None], update.a)
+                norm = norm * factor
+        final_sq = final_sq + norm.square().sum()
         outputs.append(update)
         if progress is not None:
             progress(index + 1, len(groups))
 
     rank = max(update.rank for update in outputs)
     modules: dict[str, LoraModule] = {}
-    final_sq = torch.zeros((), device=device, dtype=dtype)
     energies = []
     for group, update in zip(groups, outputs, strict=True):
         padded = pad_rank(update, rank)
-        final_sq = final_sq + frobenius_sq(padded.b, padded.a).sum()
         energies.append(update.retained_energy)
         for g, module in enumerate(group.modules):
             modules[module] = LoraModule(lora_a=padded.a[g], lora_b=padded.b[g], scale=1.0)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .linalg import LowRank, frobenius_sq
 from .pool import AdapterPool
 
 
@@ -50,11 +49,10 @@ def calibrate(lora_b: Sequence[torch.Tensor]) -> Calibration:
     return Calibration(basis, sharing, coefficients, calibrated)
 
 
-def compensate(merged: LowRank, target_norm: torch.Tensor) -> LowRank:
-    """Rescale each merged module to `target_norm` [G] (no-op where the merge is 0)."""
-    norm = frobenius_sq(merged.b, merged.a).sqrt()
-    factor = torch.where(norm > 0, target_norm / norm.clamp_min(1e-8), 1.0)
-    return merged.with_factors(merged.b * factor[:, None, None], merged.a)
+def compensation(norm: torch.Tensor, target_norm: torch.Tensor) -> torch.Tensor:
+    """The factor that rescales merged modules of norm `norm` [G] to `target_norm` [G]
+    (1 where the merge is 0; the denominator clamped at 1e-8 as in the authors' code)."""
+    return torch.where(norm > 0, target_norm / norm.clamp_min(1e-8), 1.0)
 
 
 class CalibrationCache:

@@ -18,6 +18,7 @@ import torch
 
 from .adapter import LoraAdapter, load_adapter
 from .errors import IncompatiblePoolError
+from .linalg import frobenius_sq
 
 logger = logging.getLogger(__name__)
 _SHOWN = 3  # violations of one kind spelled out; the rest are counted
@@ -35,6 +36,7 @@ class ModuleGroup:
     lora_b: tuple[torch.Tensor, ...]  # per adapter: [G, out, r_i]
     lora_a: tuple[torch.Tensor, ...]  # per adapter: [G, r_i, in]
     scales: torch.Tensor  # [G, N]
+    norms: torch.Tensor  # [G, N]: ‖ΔW_i‖_F of each module, scale included
 
     @property
     def out_features(self) -> int:
@@ -134,7 +136,13 @@ class AdapterPool:
                 device=device,
                 dtype=dtype,
             )
-            groups.append(ModuleGroup(tuple(modules), tuple(lora_b), tuple(lora_a), scales))
+            norms = (
+                torch.stack(
+                    [frobenius_sq(b, a).sqrt() for b, a in zip(lora_b, lora_a, strict=True)], dim=1
+                )
+                * scales.abs()
+            )
+            groups.append(ModuleGroup(tuple(modules), tuple(lora_b), tuple(lora_a), scales, norms))
         return tuple(groups)
 
 

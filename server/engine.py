@@ -85,6 +85,9 @@ async def open_engine(settings: EngineSettings, model: Path) -> AsyncIterator[An
     finally:
         # shutdown() is synchronous and force-kills the engine core after the timeout.
         await asyncio.to_thread(engine.shutdown, SHUTDOWN_TIMEOUT)
+        # AsyncLLM.__del__ shuts down again; at interpreter exit that fails noisily (its module
+        # globals are gone). It is done already: make the second call a no-op.
+        engine.shutdown = lambda *args, **kwargs: None  # type: ignore[method-assign]
         logger.info("vLLM engine stopped")
 
 

@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -117,42 +118,37 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 "rpc", extra={"rpc": rpc, "code": code.name, "seconds": round(seconds, 4), **fields}
             )
 
+    @asynccontextmanager
+    async def _scope(self, rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Around one RPC: map an error to its status, then count, time and log the RPC."""
+        fields, start = begin_request(), time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except Exception as error:
+            code, status = _failure(error, fields)
+            await context.abort_with_status(status)
+        finally:
+            self._finish(rpc, code, start, fields)
+
     def _unary(self, rpc: str, behavior: Any) -> Any:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            fields, start = begin_request(), time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
+            async with self._scope(rpc, context):
                 return await behavior(request, context)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as error:
-                if isinstance(error, grpc.aio.AbortError):
-                    raise
-                code, status = _failure(error, fields)
-                await context.abort_with_status(status)
-            finally:
-                self._finish(rpc, code, start, fields)
 
         return wrapper
 
     def _stream(self, rpc: str, behavior: Any) -> Any:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            fields, start = begin_request(), time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
+            async with self._scope(rpc, context):
                 async for response in behavior(request, context):
                     yield response
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as error:
-                if isinstance(error, grpc.aio.AbortError):
-                    raise
-                code, status = _failure(error, fields)
-                await context.abort_with_status(status)
-            finally:
-                self._finish(rpc, code, start, fields)
 
         return wrapper
 
