@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -80,6 +81,16 @@ class MergeReport:
     calibration_cache_hit: bool | None  # None without Pico
     device: str
     dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for JSON): nested dataclasses and mappings become dicts."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data.update(
+            params=dataclasses.asdict(self.params),
+            preference=dict(self.preference),
+            timings=dict(self.timings),
+        )
+        return data
 
 
 @dataclass(frozen=True)

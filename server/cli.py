@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -96,10 +97,12 @@ def _prepare(args: argparse.Namespace) -> int:
 
     overrides = {"cache_dir": args.cache_dir} if args.cache_dir else {}
     settings = load_settings(args.config, overrides=overrides)
+    started = time.monotonic()
     assets = prepare_defaults(settings.cache_dir, progress=lambda line: print(line, flush=True))
     print(f"model: {assets.model_dir}")
     for name, path in assets.adapters.items():
         print(f"adapter {name}: {path}")
+    print(f"ready in {time.monotonic() - started:.1f} s")
     return 0
 
 
@@ -121,13 +124,21 @@ def _spec(args: argparse.Namespace) -> MergeSpec:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     pool = _pool(args)
     preference = _weights(args.preference) or {name: 1.0 for name in pool.names}
-    result = merge(pool, preference, _spec(args), device=args.device, dtype=args.dtype)
+    with tqdm(desc="merging module groups", unit="group", file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = merge(
+            pool, preference, _spec(args), device=args.device, dtype=args.dtype, progress=progress
+        )
     path = save_adapter(result, args.out)
-    report = asdict(result.report)
-    report["params"] = asdict(result.report.params)
-    print(json.dumps({"path": str(path), **report}, indent=2, default=str))
+    print(json.dumps({"path": str(path), **result.report.to_dict()}, indent=2))
     return 0
 
 

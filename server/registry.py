@@ -80,8 +80,12 @@ class AdapterRegistry:
             if self._pool is not None and name in self._pool.names:
                 raise AlreadyExistsError(f"adapter {name!r} is already registered", "name")
             adapter = await asyncio.to_thread(load_adapter, directory, name)
-            current = self._pool.adapters if self._pool is not None else ()
-            pool = await asyncio.to_thread(AdapterPool, [*current, adapter])
+            current = self._pool
+            pool = await asyncio.to_thread(
+                lambda: (
+                    current.with_adapter(adapter) if current is not None else AdapterPool([adapter])
+                )
+            )
             await asyncio.to_thread(self._store.add_adapter, name, directory)
             self._pool = pool
         logger.info("registered adapter %s from %s; pool %s", name, directory, pool.fingerprint)
@@ -92,8 +96,7 @@ class AdapterRegistry:
         async with self._lock:
             if self._pool is None or name not in self._pool.names:
                 raise NotFoundError(f"adapter {name!r} is not registered", "name")
-            remaining = [a for a in self._pool.adapters if a.name != name]
-            pool = AdapterPool(remaining) if remaining else None
+            pool = self._pool.without(name) if len(self._pool) > 1 else None
             if any(r.name == name for r in self._store.list_adapters()):
                 await asyncio.to_thread(self._store.remove_adapter, name)
             self._pool = pool
