@@ -12,7 +12,14 @@ import grpc
 import pytest
 
 from loramerge.merge_engine import load_adapter
-from loramerge.v1 import adapters_pb2, adapters_pb2_grpc, merges_pb2, merges_pb2_grpc
+from loramerge.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    merges_pb2,
+    merges_pb2_grpc,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -171,3 +178,47 @@ def test_diagnostics_of_the_pool_and_a_merge(
     assert len(report.modules[0].overlap_b.values) == 16
     for stats in (report.merged_with_pico, report.merged_without_pico):
         assert 0 < stats.max_energy_share <= 1 and stats.frobenius_norm > 0
+
+
+def test_concurrent_requests_for_a_new_preference_share_one_merge(
+    merges: merges_pb2_grpc.MergesStub, task_names: list[str]
+) -> None:
+    preference = {task_names[0]: 0.37, task_names[2]: 0.63}
+    futures = [
+        merges.Merge.future(merges_pb2.MergeRequest(preference=preference)) for _ in range(6)
+    ]
+    replies = [f.result() for f in futures]
+    assert len({r.adapter_id for r in replies}) == 1
+    assert sum(not r.cached for r in replies) >= 1
+    assert len({tuple(sorted(r.phase_seconds.items())) for r in replies}) == 1  # one merge ran
+
+
+def test_in_flight_requests_finish_on_their_version_across_a_pool_change(
+    inference: inference_pb2_grpc.InferenceStub,
+    adapters: adapters_pb2_grpc.AdaptersStub,
+    default_assets: object,
+    allowed_root: Path,
+    task_names: list[str],
+) -> None:
+    preference = {task_names[1]: 1.0, task_names[3]: 1.0}
+    stream = inference.GenerateStream(
+        inference_pb2.GenerateRequest(
+            prompt="Once upon a time", max_tokens=8, preference=preference
+        )
+    )
+    first = next(stream)
+    source = default_assets.adapters[task_names[1]]  # type: ignore[attr-defined]
+    shutil.copytree(source, allowed_root / "mid-stream", dirs_exist_ok=True)
+    adapters.RegisterAdapter(
+        adapters_pb2.RegisterAdapterRequest(name="midstream", path=str(allowed_root / "mid-stream"))
+    )
+    try:
+        rest = list(stream)
+        assert {c.adapter_id for c in rest} == {first.adapter_id}
+        assert rest[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+        after = inference.Generate(
+            inference_pb2.GenerateRequest(prompt="Once", max_tokens=1, preference=preference)
+        )
+        assert after.adapter_id not in ("", first.adapter_id)
+    finally:
+        adapters.RemoveAdapter(adapters_pb2.RemoveAdapterRequest(name="midstream"))
