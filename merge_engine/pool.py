@@ -46,10 +46,6 @@ class ModuleGroup:
     def in_features(self) -> int:
         return int(self.lora_a[0].shape[2])
 
-    @property
-    def ranks(self) -> tuple[int, ...]:
-        return tuple(int(a.shape[1]) for a in self.lora_a)
-
     def scaled_a(self) -> tuple[torch.Tensor, ...]:
         """Per adapter `scale · lora_a`, shape [G, r_i, in]: then ΔW_i = lora_b[i] @ result[i]."""
         return tuple(a * self.scales[:, i, None, None] for i, a in enumerate(self.lora_a))

@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +159,16 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _methods(args: argparse.Namespace) -> int:
+    for name in METHODS.names():
+        method = METHODS.get(name)
+        kind = "exact low rank" if method.exact_low_rank else "dense, then SVD truncation"
+        defaults = {f.name: f.default for f in fields(method.params_type)}
+        print(f"{name:16} {method.summary}")
+        print(f"{'':16} {kind}; parameters (None = published default): {defaults}")
+    return 0
+
+
 def _add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adapter", action="append", default=[], metavar="NAME=DIR", help="a PEFT adapter"
@@ -208,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge_options(diagnose)
     diagnose.add_argument("--per-module", action="store_true", help="include every module")
     diagnose.set_defaults(run=_diagnose)
+
+    methods = commands.add_parser("methods", help="list the merge methods and their parameters")
+    methods.set_defaults(run=_methods)
     return parser
 
 

@@ -109,7 +109,6 @@ class Version:
     path: Path
     report: MergeReport
     phase_seconds: dict[str, float]
-    preference: Mapping[str, float]  # the quantised ρ that was merged
     leases: int = 0
     pinned_by: str | None = None
 
@@ -271,9 +270,7 @@ class MergedVersions:
         phases.update(export=export_seconds, load=load_seconds)
         phases["total"] = report.timings["total"] + export_seconds + load_seconds
         self._record(spec.method, phases, report)
-        version = Version(
-            adapter_id, key, lora_id, request, path, report, phases, report.preference
-        )
+        version = Version(adapter_id, key, lora_id, request, path, report, phases)
         self._versions[key] = version
         self._metrics.resident_adapters.set(len(self._versions))
         logger.info(

@@ -50,3 +50,11 @@ def test_errors_are_reported_without_a_traceback(
     code = main(["merge", *adapter_args, "--preference", "zzz=1", "--out", str(tmp_path / "x")])
     assert code == 2
     assert "preference['zzz']: unknown adapter" in capsys.readouterr().err
+
+
+def test_methods_lists_every_method_with_its_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    for name in ("ta", "ties", "dare_linear", "dare_ties", "tsvm", "knots_ties", "core", "svd_cur"):
+        assert f"\n{name} " in f"\n{text}"
+    assert "'density': 0.2" in text and "dense, then SVD truncation" in text
