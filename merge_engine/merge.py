@@ -158,12 +158,11 @@ def merge(
     merged_sq = torch.zeros((), device=device, dtype=dtype)
     final_sq = torch.zeros((), device=device, dtype=dtype)
     for index, group in enumerate(groups):
-        scaled_a = group.scaled_a()
         tasks = TaskSet(
             names=tuple(pool.names[i] for i in active),
             modules=group.modules,
             b=calibrations[index].lora_b if spec.pico else tuple(group.lora_b[i] for i in active),
-            a=tuple(scaled_a[i] for i in active),
+            a=tuple(group.scaled_a[i] for i in active),
             rho=rho_active,
             pool_size=len(pool),
         )

@@ -29,13 +29,15 @@ class ModuleGroup:
     """Modules that share (out, in) shape and per-adapter ranks, stacked along a batch axis.
 
     Factors are raw (the LoRA scale is kept apart in `scales`): ΔW_i[g] = scales[g, i] ·
-    lora_b[i][g] @ lora_a[i][g].
+    lora_b[i][g] @ lora_a[i][g] = lora_b[i][g] @ scaled_a[i][g]. The scaled A factors and the
+    norms do not depend on any preference, so they are computed once, with the stack.
     """
 
     modules: tuple[str, ...]  # G module keys
     lora_b: tuple[torch.Tensor, ...]  # per adapter: [G, out, r_i]
     lora_a: tuple[torch.Tensor, ...]  # per adapter: [G, r_i, in]
     scales: torch.Tensor  # [G, N]
+    scaled_a: tuple[torch.Tensor, ...]  # per adapter: [G, r_i, in], scale folded in
     norms: torch.Tensor  # [G, N]: ‖ΔW_i‖_F of each module, scale included
 
     @property
@@ -45,10 +47,6 @@ class ModuleGroup:
     @property
     def in_features(self) -> int:
         return int(self.lora_a[0].shape[2])
-
-    def scaled_a(self) -> tuple[torch.Tensor, ...]:
-        """Per adapter `scale · lora_a`, shape [G, r_i, in]: then ΔW_i = lora_b[i] @ result[i]."""
-        return tuple(a * self.scales[:, i, None, None] for i, a in enumerate(self.lora_a))
 
 
 def _natural_key(text: str) -> list[tuple[int, int | str]]:
@@ -132,13 +130,13 @@ class AdapterPool:
                 device=device,
                 dtype=dtype,
             )
-            norms = (
-                torch.stack(
-                    [frobenius_sq(b, a).sqrt() for b, a in zip(lora_b, lora_a, strict=True)], dim=1
-                )
-                * scales.abs()
+            scaled_a = tuple(a * scales[:, i, None, None] for i, a in enumerate(lora_a))
+            norms = torch.stack(
+                [frobenius_sq(b, a).sqrt() for b, a in zip(lora_b, scaled_a, strict=True)], dim=1
             )
-            groups.append(ModuleGroup(tuple(modules), tuple(lora_b), tuple(lora_a), scales, norms))
+            groups.append(
+                ModuleGroup(tuple(modules), tuple(lora_b), tuple(lora_a), scales, scaled_a, norms)
+            )
         return tuple(groups)
 
 

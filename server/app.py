@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -128,9 +129,8 @@ async def _run(
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", *SERVICES.values()):
-        ready = name not in NEED_ENGINE
-        await health_servicer.set(name, _status(ready))
+    await _report(health_servicer, [s for s in SERVICES.values() if s not in NEED_ENGINE], True)
+    await _report(health_servicer, NEED_ENGINE, False)
     reflection.enable_server_reflection(
         (*SERVICES.values(), health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
@@ -149,12 +149,10 @@ async def _run(
     try:
         async with open_engine(settings.engine, model) as engine:
             slot.set(engine)
-            for name in NEED_ENGINE:
-                await health_servicer.set(name, _status(True))
+            await _report(health_servicer, NEED_ENGINE, True)
             logger.info("serving", extra={"model": str(model), "adapters": _names(registry)})
             await _watch(stop, slot, health_servicer)
-            for name in ("", *SERVICES.values()):
-                await health_servicer.set(name, _status(False))
+            await _report(health_servicer, ("", *SERVICES.values()), False)
             await server.stop(settings.grpc.grace_seconds)
             await versions.close()
             slot.clear()
@@ -165,23 +163,27 @@ async def _run(
 async def _watch(
     stop: asyncio.Event, slot: EngineSlot, health_servicer: health.aio.HealthServicer
 ) -> None:
-    """Wait for a stop signal; report NOT_SERVING if the engine dies meanwhile."""
+    """Wait for a stop signal; report NOT_SERVING (once) if the engine dies meanwhile."""
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), timeout=5)
         except TimeoutError:
             if not slot.ready:
                 logger.error("the vLLM engine has stopped; reporting NOT_SERVING")
-                for name in NEED_ENGINE:
-                    await health_servicer.set(name, _status(False))
+                await _report(health_servicer, NEED_ENGINE, False)
+                await stop.wait()
 
 
-def _status(serving: bool) -> int:
-    return int(
+async def _report(
+    health_servicer: health.aio.HealthServicer, services: Sequence[str], serving: bool
+) -> None:
+    status = (
         health_pb2.HealthCheckResponse.SERVING
         if serving
         else health_pb2.HealthCheckResponse.NOT_SERVING
     )
+    for service in services:
+        await health_servicer.set(service, status)
 
 
 def _names(registry: AdapterRegistry) -> list[str]:

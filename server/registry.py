@@ -33,33 +33,30 @@ class AdapterRegistry:
         self._store = store
         self._roots = tuple(root.expanduser().resolve() for root in allowed_roots)
         self._pool: AdapterPool | None = None
+        self._registered: set[str] = set()  # names that came through the API (persisted)
         self._lock = asyncio.Lock()
 
     @property
     def pool(self) -> AdapterPool | None:
         return self._pool
 
-    def load_initial(self, configured: Mapping[str, Path]) -> list[str]:
+    def load_initial(self, configured: Mapping[str, Path]) -> None:
         """Load the configured adapters and the persisted API registrations (at start-up).
 
         A persisted registration whose directory is gone or broken is skipped with a warning;
-        a broken configured adapter is an error. Returns the warnings.
+        a broken configured adapter is an error.
         """
         adapters = {name: load_adapter(path, name) for name, path in configured.items()}
-        warnings = []
         for registration in self._store.list_adapters():
+            self._registered.add(registration.name)
             if registration.name in adapters:
                 continue
             try:
                 adapters[registration.name] = load_adapter(registration.path, registration.name)
             except Exception as err:  # the file changed since it was registered
-                warnings.append(f"skipped registered adapter {registration.name!r}: {err}")
+                logger.warning("skipped registered adapter %r: %s", registration.name, err)
         if adapters:
-            self._pool = AdapterPool(adapters.values())
-            warnings.extend(self._pool.warnings)
-        for warning in warnings:
-            logger.warning("%s", warning)
-        return warnings
+            self._pool = AdapterPool(adapters.values())  # logs its own warnings
 
     def _check_path(self, path: str) -> Path:
         if not self._roots:
@@ -87,6 +84,7 @@ class AdapterRegistry:
                 )
             )
             await asyncio.to_thread(self._store.add_adapter, name, directory)
+            self._registered.add(name)
             self._pool = pool
         logger.info("registered adapter %s from %s; pool %s", name, directory, pool.fingerprint)
         return adapter, pool
@@ -97,8 +95,9 @@ class AdapterRegistry:
             if self._pool is None or name not in self._pool.names:
                 raise NotFoundError(f"adapter {name!r} is not registered", "name")
             pool = self._pool.without(name) if len(self._pool) > 1 else None
-            if any(r.name == name for r in self._store.list_adapters()):
+            if name in self._registered:
                 await asyncio.to_thread(self._store.remove_adapter, name)
+                self._registered.discard(name)
             self._pool = pool
         logger.info("removed adapter %s", name)
         return pool

@@ -4,6 +4,7 @@ against the server's defaults."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -39,7 +40,8 @@ def default_choice(settings: Settings) -> MergeChoice:
 
 
 def spec_for(choice: MergeChoice, max_rank: int) -> MergeSpec:
-    """A validated MergeSpec; the rank is capped by the engine's max LoRA rank."""
+    """A validated MergeSpec with its parameters resolved once (the version key and the merge
+    reuse them); the rank is capped by the engine's max LoRA rank."""
     spec = MergeSpec(
         method=choice.method or "ta",
         params=dict(choice.params),
@@ -48,8 +50,8 @@ def spec_for(choice: MergeChoice, max_rank: int) -> MergeSpec:
         svc=bool(choice.svc),
         rank=min(choice.rank or max_rank, max_rank),
     )
-    spec.resolved_params()  # raises InvalidParameterError naming the field
-    return spec
+    # raises InvalidParameterError naming the field
+    return dataclasses.replace(spec, params=spec.resolved_params())
 
 
 class Selector:

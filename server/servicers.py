@@ -176,13 +176,7 @@ class MergesServicer(merges_pb2_grpc.MergesServicer):  # type: ignore[misc]
         ) as lease:
             version = lease.version
             annotate(tenant=request.tenant_id, adapter_id=version.adapter_id, cached=lease.cached)
-            return translate.merge_response(
-                version.adapter_id,
-                lease.cached,
-                version.report,
-                version.phase_seconds,
-                version.key.pool_fingerprint,
-            )
+            return translate.merge_response(version, lease.cached)
 
     async def Export(
         self, request: merges_pb2.ExportRequest, context: grpc.aio.ServicerContext

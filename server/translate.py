@@ -9,12 +9,13 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from loramerge.merge_engine import LoraAdapter, MergedDiagnostics, MergeReport, PoolDiagnostics
+from loramerge.merge_engine import LoraAdapter, MergedDiagnostics, PoolDiagnostics
 from loramerge.merge_engine.diagnostics import ModuleDiagnostics, SpectrumStats, Summary
 from loramerge.v1 import adapters_pb2, inference_pb2, merge_pb2, merges_pb2, tenants_pb2
 
 from .domain import MergeChoice, TenantRecord
 from .errors import InvalidRequestError
+from .versions import Version
 
 _PARAMETERS = (
     "scaling",
@@ -99,23 +100,18 @@ def adapter_to_proto(adapter: LoraAdapter) -> adapters_pb2.AdapterInfo:
     )
 
 
-def merge_response(
-    adapter_id: str,
-    cached: bool,
-    report: MergeReport,
-    phase_seconds: Mapping[str, float],
-    pool_fingerprint: str,
-) -> merges_pb2.MergeResponse:
+def merge_response(version: Version, cached: bool) -> merges_pb2.MergeResponse:
+    report = version.report
     response = merges_pb2.MergeResponse(
-        adapter_id=adapter_id,
+        adapter_id=version.adapter_id,
         cached=cached,
         rank=report.rank,
         retained_energy_min=report.retained_energy_min,
         retained_energy_mean=report.retained_energy_mean,
         merged_norm=report.merged_norm,
         final_norm=report.final_norm,
-        phase_seconds=dict(phase_seconds),
-        pool_fingerprint=pool_fingerprint,
+        phase_seconds=dict(version.phase_seconds),
+        pool_fingerprint=version.key.pool_fingerprint,
         method=report.method,
         preference=dict(report.preference),
     )
