@@ -83,5 +83,7 @@ def save_adapter(
         os.rename(staging, target)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
-        raise ExportError(f"cannot write the adapter: {err}", path=target) from None
+        raise ExportError(
+            f"cannot write the adapter: {err}", path=target, errno=err.errno
+        ) from None
     return target
