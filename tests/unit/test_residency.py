@@ -10,11 +10,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from serving import EngineDouble, make_residency, select
 
 from loramerge.merge_engine import AdapterPool, load_adapter
 from loramerge.server.errors import EngineUnavailableError
 from loramerge.server.residency import Residency
-from serving import EngineDouble, make_residency, select
 
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:
