@@ -52,7 +52,7 @@ from .run_dir import create_run_dir, sweep_dead_runs
 from .selection import Selector
 from .servicers import AdaptersServicer, MergesServicer, TenantsServicer
 from .store import Store, open_store
-from .versions import VersionBuilder
+from .versions import LoraEngine, VersionBuilder
 
 logger = logging.getLogger("loramerge.server")
 
@@ -103,7 +103,7 @@ async def serve(settings: Settings) -> None:
 
 
 def build_residency(
-    settings: Settings, engine: EngineSlot, metrics: Metrics, run_dir: Path
+    settings: Settings, engine: LoraEngine, metrics: Metrics, run_dir: Path
 ) -> Residency:
     """The serving core: merge memory → merge worker → version builder → residency."""
     merge = settings.merge
