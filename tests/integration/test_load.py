@@ -67,9 +67,9 @@ def test_bounded_load_on_loopback(
                 )
             )
         )
-    inline = [
-        {name: float(chooser.randint(1, 4)) for name in chooser.sample(task_names, 2)}
-        for _ in range(8)
+    inline = [  # more distinct versions than the capacity: the bound is exercised
+        {task_names[i % len(task_names)]: 1.0 + i, task_names[(i + 1) % len(task_names)]: 2.0}
+        for i in range(24)
     ]
     plan = [(KINDS[i % len(KINDS)], i) for i in range(REQUESTS)]
     chooser.shuffle(plan)
@@ -135,6 +135,7 @@ def test_bounded_load_on_loopback(
     assert set(outcomes) <= EXPECTED, outcomes
     assert outcomes["OK"] >= REQUESTS // 2, outcomes
     assert peaks["resident"] <= capacity
+    assert gauges(server)["loramerge_merged_adapter_cache_evictions_total"] > 0
     assert peaks["rss"] - rss_before < MEMORY_GROWTH_BOUND
     eventually(lambda: gauges(server)["loramerge_requests_in_flight{protocol=grpc}"] == 0)
     after = gauges(server)
