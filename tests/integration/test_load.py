@@ -22,7 +22,7 @@ from loramerge.v1 import inference_pb2, inference_pb2_grpc, tenants_pb2, tenants
 pytestmark = pytest.mark.slow
 
 REQUESTS = 48
-CONCURRENCY = 6
+CONCURRENCY = 4
 TIME_BOUND = 600.0
 MAX_TOKENS = 3
 REQUEST_BOUND = 240.0  # RESOURCE_EXHAUSTED (the in-flight cap) is retried until then
@@ -69,7 +69,7 @@ def test_bounded_load_on_loopback(
         )
     inline = [  # more distinct versions than the capacity: the bound is exercised
         {task_names[i % len(task_names)]: 1.0 + i, task_names[(i + 1) % len(task_names)]: 2.0}
-        for i in range(24)
+        for i in range(16)
     ]
     plan = [(KINDS[i % len(KINDS)], i) for i in range(REQUESTS)]
     chooser.shuffle(plan)
