@@ -32,6 +32,7 @@ from loramerge.v1 import (
 from .config import Settings
 from .engine import EngineSlot, adapter_dtype, lora_request, open_engine
 from .errors import ConfigError
+from .generation import Generator
 from .inference import InferenceServicer
 from .interceptors import ServiceInterceptor
 from .logs import configure_logging
@@ -111,17 +112,15 @@ async def _run(
     await versions.pool_changed(registry.pool)
 
     server = grpc.aio.server(interceptors=[ServiceInterceptor(metrics)])
-    inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(
-            slot,
-            selector,
-            versions,
-            metrics,
-            max_model_len=settings.engine.max_model_len,
-            max_concurrent=settings.grpc.max_concurrent_requests,
-        ),
-        server,
+    generator = Generator(
+        slot,
+        selector,
+        versions,
+        metrics,
+        max_model_len=settings.engine.max_model_len,
+        max_concurrent=settings.grpc.max_concurrent_requests,
     )
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(generator), server)
     merges_pb2_grpc.add_MergesServicer_to_server(MergesServicer(selector, versions), server)
     tenants_pb2_grpc.add_TenantsServicer_to_server(TenantsServicer(store, selector), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
