@@ -33,6 +33,7 @@ from .config import Settings
 from .engine import EngineSlot, adapter_dtype, lora_request, open_engine
 from .errors import ConfigError
 from .generation import Generator
+from .http_openai import HttpServer, OpenAIEndpoint, start_http
 from .inference import InferenceServicer
 from .interceptors import ServiceInterceptor
 from .logs import configure_logging
@@ -140,6 +141,7 @@ async def _run(
         raise ConfigError(f"cannot listen on {address}: {err}", "grpc.port") from None
     await server.start()
     logger.info("gRPC listening", extra={"address": address})
+    http = await _start_http(settings, generator, store, slot, metrics, model)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -152,11 +154,38 @@ async def _run(
             logger.info("serving", extra={"model": str(model), "adapters": _names(registry)})
             await _watch(stop, slot, health_servicer)
             await _report(health_servicer, ("", *SERVICES.values()), False)
-            await server.stop(settings.grpc.grace_seconds)
+            await asyncio.gather(
+                server.stop(settings.grpc.grace_seconds), http.stop() if http else asyncio.sleep(0)
+            )
             await versions.close()
             slot.clear()
     finally:
         await server.stop(0)
+        if http is not None:
+            await http.stop()
+
+
+async def _start_http(
+    settings: Settings,
+    generator: Generator,
+    store: Store,
+    slot: EngineSlot,
+    metrics: Metrics,
+    model: Path,
+) -> HttpServer | None:
+    """The OpenAI-compatible endpoint, if enabled; the base model's id is its directory name
+    unless configured."""
+    if not settings.http.enabled:
+        return None
+    endpoint = OpenAIEndpoint(
+        generator,
+        store,
+        slot,
+        metrics,
+        model_id=settings.http.model_name or model.name,
+        max_body_bytes=settings.http.max_body_bytes,
+    )
+    return await start_http(settings.http, endpoint, settings.grpc.grace_seconds)
 
 
 async def _watch(

@@ -4,6 +4,8 @@ loramerge serve      run the gRPC server (real vLLM engine)
 loramerge prepare    convert the embedded model and train the default adapters (cached)
 loramerge merge      merge local adapters into a PEFT adapter directory, offline
 loramerge diagnose   interference diagnostics of local adapters
+
+On a running server (loramerge_client): generate, tenants, adapters, remote-merge.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from loramerge.merge_engine import (
     pool_diagnostics,
     save_adapter,
 )
+from loramerge_client.cli import add_parser as add_remote_commands
 
 from .config import load_settings
 from .errors import ServerError
@@ -221,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = commands.add_parser("methods", help="list the merge methods and their parameters")
     methods.set_defaults(run=_methods)
+
+    add_remote_commands(commands)
     return parser
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -89,7 +89,7 @@ class Generator:
         self._slots = max_concurrent
         self._in_flight = 0
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         """Validate, select the adapter, generate; yields text deltas as they come. Closing or
         cancelling the iterator aborts the engine request and releases the lease."""
         from vllm.exceptions import VLLMValidationError

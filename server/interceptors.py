@@ -24,6 +24,7 @@ from grpc_status import rpc_status
 from loramerge import merge_engine as me
 
 from . import errors
+from .accounting import record_request
 from .logs import begin_request
 from .metrics import Metrics
 
@@ -111,12 +112,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self, rpc: str, code: grpc.StatusCode, start: float, fields: dict[str, Any]
     ) -> None:
         seconds = time.perf_counter() - start
-        self._metrics.requests.labels(rpc=rpc, code=code.name).inc()
-        self._metrics.request_duration.labels(rpc=rpc).observe(seconds)
-        if not rpc.startswith("Health."):
-            logger.info(
-                "rpc", extra={"rpc": rpc, "code": code.name, "seconds": round(seconds, 4), **fields}
-            )
+        record_request(self._metrics, "grpc", rpc, code.name, seconds, fields)
 
     @asynccontextmanager
     async def _scope(self, rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:

@@ -36,12 +36,18 @@ class ServerProcess:
     settings: dict[str, object]
     grpc_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     startup: list[tuple[float, str]] = field(default_factory=list)  # (seconds, observation)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible endpoint (…/v1)."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     @property
     def metrics_url(self) -> str:
@@ -55,6 +61,7 @@ class ServerProcess:
         config = dict(self.settings)
         config["grpc"] = {**dict(config.get("grpc", {})), "port": self.grpc_port}  # type: ignore[arg-type]
         config["metrics"] = {**dict(config.get("metrics", {})), "port": self.metrics_port}  # type: ignore[arg-type]
+        config["http"] = {**dict(config.get("http", {})), "port": self.http_port}  # type: ignore[arg-type]
         path = self.workdir / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         return path

@@ -1,0 +1,254 @@
+"""The OpenAI-compatible request bodies we accept, and the response bodies we send.
+
+Requests are validated strictly: a field we do not implement (tools, logprobs, n > 1, penalties,
+...) is a 400 naming it, never silently ignored. The extension field `loramerge` carries an
+inline preference and merge options; `model` is the base model's id or `tenant:<tenant_id>`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .domain import MergeChoice
+from .generation import Chunk, GenerationRequest, Message
+
+TENANT_PREFIX = "tenant:"
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MergeParameters(_Strict):
+    """The methods' parameters, as in loramerge.v1.MergeParameters."""
+
+    scaling: float | None = None
+    density: float | None = None
+    drop_rate: float | None = None
+    majority_sign: Literal["total", "frequency"] | None = None
+    seed: int | None = Field(None, ge=0)
+    inner: str | None = None
+    branch_rank: int | None = Field(None, ge=1)
+    mix: float | None = None
+
+
+class MergeOptions(_Strict):
+    """As loramerge.v1.MergeOptions; unset fields take the tenant's, then the server's."""
+
+    method: str | None = None
+    pico: bool | None = None
+    parameters: MergeParameters = MergeParameters()
+    svc: bool | None = None
+    rank: int | None = Field(None, ge=1)
+    energy_compensation: bool | None = None
+
+    def choice(self) -> MergeChoice:
+        params = self.parameters.model_dump(exclude_none=True)
+        return MergeChoice(
+            method=self.method,
+            pico=self.pico,
+            params=MappingProxyType(params),
+            svc=self.svc,
+            rank=self.rank,
+            energy_compensation=self.energy_compensation,
+        )
+
+
+class Extension(_Strict):
+    """The body's `loramerge` field."""
+
+    preference: dict[str, float] = Field(default_factory=dict)
+    merge: MergeOptions = MergeOptions()
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Common(_Strict):
+    """Fields both endpoints share. `n`, `presence_penalty`, `frequency_penalty` and `logprobs`
+    are accepted only at their no-op values (clients send them by default)."""
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 and 0 disable it
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=1 << 63)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    presence_penalty: Literal[0] | None = None
+    frequency_penalty: Literal[0] | None = None
+    user: str | None = Field(None, max_length=256)
+    loramerge: Extension = Extension()
+
+    def tenant_id(self) -> str:
+        return self.model.removeprefix(TENANT_PREFIX) if self.is_tenant_model() else ""
+
+    def is_tenant_model(self) -> bool:
+        return self.model.startswith(TENANT_PREFIX)
+
+    def _generation(self, **text: Any) -> GenerationRequest:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return GenerationRequest(
+            tenant_id=self.tenant_id(),
+            preference=MappingProxyType(dict(self.loramerge.preference)),
+            merge=self.loramerge.merge.choice(),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            stop=tuple(stop),
+            seed=self.seed,
+            **text,
+        )
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: Literal[False] | None = None
+
+    def generation(self) -> GenerationRequest:
+        messages = tuple(
+            Message("system" if m.role == "developer" else m.role, m.text()) for m in self.messages
+        )
+        return self._generation(
+            messages=messages, max_tokens=self.max_completion_tokens or self.max_tokens
+        )
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+    echo: Literal[False] = False
+    logprobs: None = None
+    suffix: None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
+        if isinstance(prompt, list) and len(prompt) != 1:
+            raise ValueError("exactly one prompt per request is supported")
+        if not (prompt if isinstance(prompt, str) else prompt[0]):
+            raise ValueError("the prompt must not be empty")
+        return prompt
+
+    def generation(self) -> GenerationRequest:
+        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        return self._generation(prompt=prompt, max_tokens=self.max_tokens or COMPLETION_MAX_TOKENS)
+
+
+ChatMessage.model_rebuild()
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(chunk: Chunk) -> dict[str, int]:
+    return {
+        "prompt_tokens": chunk.prompt_tokens,
+        "completion_tokens": chunk.completion_tokens,
+        "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
+    }
+
+
+def extension(chunk: Chunk) -> dict[str, str]:
+    """Our response field: the merged adapter version that served ("" for the base model)."""
+    return {"adapter_id": chunk.adapter_id}
+
+
+def chat_completion(request_id: str, model: str, result: Chunk) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason,
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(result),
+        "loramerge": extension(result),
+    }
+
+
+def chat_chunk(
+    request_id: str, model: str, created: int, delta: Mapping[str, str], chunk: Chunk | None
+) -> dict[str, Any]:
+    """A `chat.completion.chunk`; `chunk` None: the usage-only last chunk has no choices."""
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": []
+        if chunk is None
+        else [{"index": 0, "delta": dict(delta), "finish_reason": chunk.finish_reason,
+               "logprobs": None}],
+    }  # fmt: skip
+
+
+def completion(request_id: str, model: str, result: Chunk) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "text": result.text, "finish_reason": result.finish_reason,
+             "logprobs": None}
+        ],
+        "usage": usage(result),
+        "loramerge": extension(result),
+    }  # fmt: skip
+
+
+def completion_chunk(
+    request_id: str, model: str, created: int, chunk: Chunk | None
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": []
+        if chunk is None
+        else [{"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason,
+               "logprobs": None}],
+    }  # fmt: skip
+
+
+def model_card(model_id: str, created: int) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "loramerge"}
