@@ -33,29 +33,11 @@ from loramerge.merge_engine import (
     save_adapter,
 )
 from loramerge_client.cli import add_parser as add_remote_commands
+from loramerge_client.cli import parse_pairs as _pairs
+from loramerge_client.cli import parse_preference as _weights
 
 from .config import load_settings
 from .errors import ServerError
-
-
-def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
-    pairs = {}
-    for value in values:
-        name, sep, rest = value.partition("=")
-        if not sep or not name or not rest:
-            raise SystemExit(f"loramerge: {flag} expects NAME=VALUE, got {value!r}")
-        pairs[name] = rest
-    return pairs
-
-
-def _weights(values: Sequence[str]) -> dict[str, float]:
-    weights = {}
-    for name, raw in _pairs(values, "--preference").items():
-        try:
-            weights[name] = float(raw)
-        except ValueError:
-            raise SystemExit(f"loramerge: --preference {name}={raw!r} is not a number") from None
-    return weights
 
 
 def _params(values: Sequence[str]) -> dict[str, Any]:

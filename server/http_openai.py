@@ -169,50 +169,27 @@ class OpenAIEndpoint:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._parse(request, schema.ChatCompletionRequest)
-        request_id = schema.new_id("chatcmpl")
-        generation = body.generation()
-        if not body.stream:
-            result = await self._generator.complete(generation)
-            return web.json_response(
-                schema.chat_completion(request_id, body.model, result),
-                headers={ADAPTER_HEADER: result.adapter_id},
-            )
-        created = int(time.time())
-
-        def events(chunk: Chunk, first: bool) -> list[dict[str, Any]]:
-            delta = (
-                {"role": "assistant", "content": chunk.text} if first else {"content": chunk.text}
-            )
-            return [schema.chat_chunk(request_id, body.model, created, delta, chunk)]
-
-        def usage_event(last: Chunk) -> dict[str, Any]:
-            event = schema.chat_chunk(request_id, body.model, created, {}, None)
-            return {**event, "usage": schema.usage(last)}
-
-        return await self._stream(request, body, self._generator.stream(generation), events,
-                                  usage_event)  # fmt: skip
+        return await self._respond(request, body, schema.CHAT)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._parse(request, schema.CompletionRequest)
-        request_id = schema.new_id("cmpl")
-        generation = body.generation()
-        if not body.stream:
-            result = await self._generator.complete(generation)
-            return web.json_response(
-                schema.completion(request_id, body.model, result),
-                headers={ADAPTER_HEADER: result.adapter_id},
+        return await self._respond(request, body, schema.COMPLETION)
+
+    async def _respond(
+        self,
+        request: web.Request,
+        body: schema.ChatCompletionRequest | schema.CompletionRequest,
+        shape: schema.Shape,
+    ) -> web.StreamResponse:
+        request_id, generation = shape.new_id(), body.generation()
+        if body.stream:
+            return await self._stream(
+                request, body, shape, request_id, self._generator.stream(generation)
             )
-        created = int(time.time())
-
-        def events(chunk: Chunk, first: bool) -> list[dict[str, Any]]:
-            return [schema.completion_chunk(request_id, body.model, created, chunk)]
-
-        def usage_event(last: Chunk) -> dict[str, Any]:
-            event = schema.completion_chunk(request_id, body.model, created, None)
-            return {**event, "usage": schema.usage(last)}
-
-        return await self._stream(request, body, self._generator.stream(generation), events,
-                                  usage_event)  # fmt: skip
+        result = await self._generator.complete(generation)
+        return web.json_response(
+            shape.whole(request_id, body.model, result), headers={ADAPTER_HEADER: result.adapter_id}
+        )
 
     async def _parse(self, request: web.Request, model: type[Body]) -> Body:
         body = model.model_validate_json(await request.read())
@@ -224,9 +201,9 @@ class OpenAIEndpoint:
         self,
         request: web.Request,
         body: schema.ChatCompletionRequest | schema.CompletionRequest,
+        shape: schema.Shape,
+        request_id: str,
         chunks: AsyncGenerator[Chunk, None],
-        events: Callable[[Chunk, bool], list[dict[str, Any]]],
-        usage_event: Callable[[Chunk], dict[str, Any]],
     ) -> web.StreamResponse:
         """Server-sent events. The first chunk is awaited before the response starts, so errors
         found before generation (validation, unknown tenant, overload) keep their HTTP status;
@@ -240,18 +217,17 @@ class OpenAIEndpoint:
                      ADAPTER_HEADER: first.adapter_id}
         )  # fmt: skip
         await response.prepare(request)
-        extension = schema.extension(first)
+        created = int(time.time())
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         try:
             last, is_first = first, True
             chunk: Chunk | None = first
             while chunk is not None:
-                for event in events(chunk, is_first):
-                    await _send(response, {**event, "loramerge": extension})
+                await _send(response, shape.chunk(request_id, body.model, created, chunk, is_first))
                 last, is_first = chunk, False
                 chunk = await anext(chunks, None)
             if include_usage:
-                await _send(response, {**usage_event(last), "loramerge": extension})
+                await _send(response, shape.usage_chunk(request_id, body.model, created, last))
             await response.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             request["code"] = grpc.StatusCode.CANCELLED

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -168,10 +168,6 @@ ChatMessage.model_rebuild()
 # --- responses ------------------------------------------------------------------------------
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
 def usage(chunk: Chunk) -> dict[str, int]:
     return {
         "prompt_tokens": chunk.prompt_tokens,
@@ -185,69 +181,62 @@ def extension(chunk: Chunk) -> dict[str, str]:
     return {"adapter_id": chunk.adapter_id}
 
 
-def chat_completion(request_id: str, model: str, result: Chunk) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "finish_reason": result.finish_reason,
-                "logprobs": None,
-            }
-        ],
-        "usage": usage(result),
-        "loramerge": extension(result),
-    }
+@dataclass(frozen=True)
+class Shape:
+    """How one endpoint's responses look: chat puts the text in `message` / `delta`,
+    completions in `text`."""
+
+    id_prefix: str
+    whole_object: str
+    chunk_object: str
+    chat: bool
+
+    def new_id(self) -> str:
+        return f"{self.id_prefix}-{uuid.uuid4().hex}"
+
+    def whole(self, request_id: str, model: str, result: Chunk) -> dict[str, Any]:
+        """The non-streaming response."""
+        text: dict[str, Any] = (
+            {"message": {"role": "assistant", "content": result.text}}
+            if self.chat
+            else {"text": result.text}
+        )
+        choice = {"index": 0, **text, "finish_reason": result.finish_reason, "logprobs": None}
+        return {
+            "id": request_id,
+            "object": self.whole_object,
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": usage(result),
+            "loramerge": extension(result),
+        }
+
+    def chunk(
+        self, request_id: str, model: str, created: int, chunk: Chunk, first: bool
+    ) -> dict[str, Any]:
+        """One streamed event; the first chat delta also names the role."""
+        text: dict[str, Any] = {"text": chunk.text}
+        if self.chat:
+            delta = (
+                {"role": "assistant", "content": chunk.text} if first else {"content": chunk.text}
+            )
+            text = {"delta": delta}
+        choice = {"index": 0, **text, "finish_reason": chunk.finish_reason, "logprobs": None}
+        return {**self._event(request_id, model, created), "choices": [choice],
+                "loramerge": extension(chunk)}  # fmt: skip
+
+    def usage_chunk(self, request_id: str, model: str, created: int, last: Chunk) -> dict[str, Any]:
+        """The last event with `stream_options.include_usage`: no choices, the usage."""
+        return {**self._event(request_id, model, created), "choices": [], "usage": usage(last),
+                "loramerge": extension(last)}  # fmt: skip
+
+    def _event(self, request_id: str, model: str, created: int) -> dict[str, Any]:
+        return {"id": request_id, "object": self.chunk_object, "created": created, "model": model}
 
 
-def chat_chunk(
-    request_id: str, model: str, created: int, delta: Mapping[str, str], chunk: Chunk | None
-) -> dict[str, Any]:
-    """A `chat.completion.chunk`; `chunk` None: the usage-only last chunk has no choices."""
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": []
-        if chunk is None
-        else [{"index": 0, "delta": dict(delta), "finish_reason": chunk.finish_reason,
-               "logprobs": None}],
-    }  # fmt: skip
-
-
-def completion(request_id: str, model: str, result: Chunk) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": 0, "text": result.text, "finish_reason": result.finish_reason,
-             "logprobs": None}
-        ],
-        "usage": usage(result),
-        "loramerge": extension(result),
-    }  # fmt: skip
-
-
-def completion_chunk(
-    request_id: str, model: str, created: int, chunk: Chunk | None
-) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": []
-        if chunk is None
-        else [{"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason,
-               "logprobs": None}],
-    }  # fmt: skip
+CHAT = Shape("chatcmpl", "chat.completion", "chat.completion.chunk", chat=True)
+COMPLETION = Shape("cmpl", "text_completion", "text_completion", chat=False)
 
 
 def model_card(model_id: str, created: int) -> dict[str, Any]:

@@ -32,7 +32,8 @@ TOKEN_ENV = "LORAMERGE_TOKEN"
 # --- argument parsing --------------------------------------------------------------------
 
 
-def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
+def parse_pairs(values: Sequence[str], flag: str) -> dict[str, str]:
+    """NAME=VALUE arguments of `flag` as a dict (exits with a message on a malformed one)."""
     pairs = {}
     for value in values:
         name, sep, rest = value.partition("=")
@@ -42,9 +43,10 @@ def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
     return pairs
 
 
-def _preference(values: Sequence[str]) -> dict[str, float]:
+def parse_preference(values: Sequence[str]) -> dict[str, float]:
+    """--preference NAME=WEIGHT arguments as adapter name → weight."""
     weights = {}
-    for name, raw in _pairs(values, "--preference").items():
+    for name, raw in parse_pairs(values, "--preference").items():
         try:
             weights[name] = float(raw)
         except ValueError:
@@ -61,7 +63,8 @@ def _parameter(raw: str) -> Any:
 
 
 def _merge_options(args: argparse.Namespace) -> MergeOptions:
-    parameters = {name: _parameter(raw) for name, raw in _pairs(args.param, "--param").items()}
+    pairs = parse_pairs(args.param, "--param")
+    parameters = {name: _parameter(raw) for name, raw in pairs.items()}
     unknown = set(parameters) - set(PARAMETERS)
     if unknown:
         raise SystemExit(
@@ -178,7 +181,7 @@ def _generate(args: argparse.Namespace) -> int:
     )
     options = {
         "tenant_id": args.tenant,
-        "preference": _preference(args.preference) or None,
+        "preference": parse_preference(args.preference) or None,
         "merge": _merge_options(args),
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
@@ -224,7 +227,7 @@ def _tenant_rows(tenants: Iterable[Any]) -> None:
 def _tenants(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "set":
-            preference = _preference(args.preference)
+            preference = parse_preference(args.preference)
             if not preference:
                 raise SystemExit("loramerge tenants set: give at least one --preference NAME=W")
             tenant = client.set_tenant(
@@ -277,7 +280,7 @@ def _adapters(args: argparse.Namespace) -> int:
                 _adapter_rows(adapters)
         else:
             report = client.diagnostics(
-                preference=_preference(args.preference) or None,
+                preference=parse_preference(args.preference) or None,
                 merge=_merge_options(args),
                 per_module=args.per_module,
             )
@@ -311,7 +314,7 @@ def _diagnostics_table(report: dict[str, Any]) -> None:
 
 
 def _remote_merge(args: argparse.Namespace) -> int:
-    preference = _preference(args.preference) or None
+    preference = parse_preference(args.preference) or None
     with _client(args) as client:
         report = client.merge(
             tenant_id=args.tenant, preference=preference, merge=_merge_options(args)
@@ -345,7 +348,8 @@ def _guarded(command: Callable[[argparse.Namespace], int], name: str) -> Callabl
         try:
             return command(args)
         except LoramergeError as error:
-            field = f" (field: {error.field})" if error.field else ""
+            named = error.field and not error.message.startswith(f"{error.field}:")
+            field = f" (field: {error.field})" if named else ""
             print(f"loramerge {name}: {error}{field}", file=sys.stderr)
             return 1
 
