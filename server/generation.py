@@ -20,8 +20,8 @@ from .engine import EngineSlot
 from .errors import EngineUnavailableError, InvalidRequestError, OverloadedError
 from .logs import annotate
 from .metrics import Metrics
+from .residency import Residency
 from .selection import Selector
-from .versions import MergedVersions
 
 DEFAULT_MAX_TOKENS = 64
 ROLES = ("system", "user", "assistant")
@@ -75,7 +75,7 @@ class Generator:
         self,
         engine: EngineSlot,
         selector: Selector,
-        versions: MergedVersions,
+        residency: Residency,
         metrics: Metrics,
         *,
         max_model_len: int,
@@ -83,15 +83,18 @@ class Generator:
     ) -> None:
         self._engine = engine
         self._selector = selector
-        self._versions = versions
+        self._residency = residency
         self._metrics = metrics
         self._max_model_len = max_model_len
         self._slots = max_concurrent
         self._in_flight = 0
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+    async def stream(
+        self, request: GenerationRequest, protocol: str
+    ) -> AsyncGenerator[Chunk, None]:
         """Validate, select the adapter, generate; yields text deltas as they come. Closing or
-        cancelling the iterator aborts the engine request and releases the lease."""
+        cancelling the iterator aborts the engine request and releases the lease. `protocol`
+        ("grpc", "http") labels the in-flight gauge."""
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -101,6 +104,8 @@ class Generator:
         if self._in_flight >= self._slots:
             raise OverloadedError(f"{self._slots} generate requests in flight; retry later")
         self._in_flight += 1
+        in_flight = self._metrics.requests_in_flight.labels(protocol=protocol)
+        in_flight.inc()
         request_id = uuid.uuid4().hex
         annotate(tenant=request.tenant_id, request_id=request_id)
         self._metrics.count_tenant(request.tenant_id)
@@ -112,11 +117,7 @@ class Generator:
             async with AsyncExitStack() as stack:
                 adapter_id, lora = "", None
                 if selection is not None:
-                    lease = await stack.enter_async_context(
-                        self._versions.lease(
-                            selection.pool, selection.spec, selection.rho, pin_for=selection.pin_for
-                        )
-                    )
+                    lease = await stack.enter_async_context(self._residency.lease(selection))
                     adapter_id, lora = lease.version.adapter_id, lease.version.lora_request
                     annotate(adapter_id=adapter_id, merge_cached=lease.cached)
                 produced = 0
@@ -147,11 +148,12 @@ class Generator:
             ) from None
         finally:
             self._in_flight -= 1
+            in_flight.dec()
 
-    async def complete(self, request: GenerationRequest) -> Chunk:
+    async def complete(self, request: GenerationRequest, protocol: str) -> Chunk:
         """The whole completion as one chunk (text joined, last chunk's counts and reason)."""
         parts, last = [], None
-        async for chunk in self.stream(request):
+        async for chunk in self.stream(request, protocol):
             parts.append(chunk.text)
             last = chunk
         assert last is not None  # vLLM always ends with a finished output

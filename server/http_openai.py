@@ -36,6 +36,7 @@ from .translate import preference_from_proto
 
 logger = logging.getLogger("loramerge.http")
 
+PROTOCOL = "http"
 ADAPTER_HEADER = "x-loramerge-adapter-id"
 ROUTES = {
     "/v1/chat/completions": "OpenAI.ChatCompletions",
@@ -151,7 +152,7 @@ class OpenAIEndpoint:
             return result.response()
         finally:
             record_request(
-                self._metrics, "http", rpc, code.name, time.perf_counter() - start, fields
+                self._metrics, PROTOCOL, rpc, code.name, time.perf_counter() - start, fields
             )
 
     def _check_model(self, body: schema.ChatCompletionRequest | schema.CompletionRequest) -> None:
@@ -184,9 +185,9 @@ class OpenAIEndpoint:
         request_id, generation = shape.new_id(), body.generation()
         if body.stream:
             return await self._stream(
-                request, body, shape, request_id, self._generator.stream(generation)
+                request, body, shape, request_id, self._generator.stream(generation, PROTOCOL)
             )
-        result = await self._generator.complete(generation)
+        result = await self._generator.complete(generation, PROTOCOL)
         return web.json_response(
             shape.whole(request_id, body.model, result), headers={ADAPTER_HEADER: result.adapter_id}
         )

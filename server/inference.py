@@ -12,6 +12,8 @@ from loramerge.v1 import inference_pb2, inference_pb2_grpc
 from . import translate
 from .generation import GenerationRequest, Generator, Message
 
+PROTOCOL = "grpc"
+
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):  # type: ignore[misc]
     def __init__(self, generator: Generator) -> None:
@@ -20,7 +22,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):  # type: ignore[m
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GenerateResponse:
-        result = await self._generator.complete(_generation_request(request))
+        result = await self._generator.complete(_generation_request(request), PROTOCOL)
         return inference_pb2.GenerateResponse(
             text=result.text,
             finish_reason=translate.finish_reason(result.finish_reason),
@@ -32,7 +34,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):  # type: ignore[m
     async def GenerateStream(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        async for chunk in self._generator.stream(_generation_request(request)):
+        async for chunk in self._generator.stream(_generation_request(request), PROTOCOL):
             yield inference_pb2.GenerateStreamResponse(
                 text=chunk.text,
                 finish_reason=translate.finish_reason(chunk.finish_reason),
