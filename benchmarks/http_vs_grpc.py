@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import openai
+
 from loramerge_client import Client
 
 PROMPTS = ("The capital of France is", "Once upon a time", "2 + 2 =", "The sky is")
@@ -57,11 +58,12 @@ def main() -> None:
         "HTTP /v1/completions": lambda p: sdk.completions.create(
             model=model, prompt=p, max_tokens=tokens, temperature=0
         ),
-        "gRPC Generate (chat)": lambda p: grpc_client.generate(
-            messages=chat(p), max_tokens=tokens
-        ),
+        "gRPC Generate (chat)": lambda p: grpc_client.generate(messages=chat(p), max_tokens=tokens),
         "HTTP /v1/chat/completions": lambda p: sdk.chat.completions.create(
-            model=model, messages=chat(p), max_tokens=tokens, temperature=0  # type: ignore[arg-type]
+            model=model,
+            messages=chat(p),
+            max_tokens=tokens,
+            temperature=0,  # type: ignore[arg-type]
         ),
     }
     for prompt in PROMPTS:  # warm-up: connections, tokenizer, prefix cache
