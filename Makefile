@@ -42,9 +42,7 @@ proto: $(STUBS)
 $(STUBS): $(PROTOS) $(STAMP)
 	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
 		--grpc_python_out=proto $(PROTOS)
-	@# regenerates the client's copy of the stubs (clients/python/setup.py)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
-		-e ./clients/python
+	$(PY) clients/python/build_stubs.py  # the client's copy (loramerge_client.v1)
 	@touch $@
 
 prepare: install
