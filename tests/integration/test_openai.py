@@ -97,9 +97,10 @@ def test_streaming_chat_sends_deltas_then_usage(sdk: openai.OpenAI, base_model: 
     assert "".join(content) == whole.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
     finished = [c.choices[0].finish_reason for c in chunks if c.choices]
-    assert finished[-1] == "length" and all(f is None for f in finished[:-1])
+    assert finished[-1] == whole.choices[0].finish_reason
+    assert all(f is None for f in finished[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
-    assert chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].usage == whole.usage
 
 
 def test_streaming_completion(sdk: openai.OpenAI, base_model: str) -> None:
