@@ -29,17 +29,20 @@ from loramerge.v1 import (
     tenants_pb2_grpc,
 )
 
+from .auth import Authenticator, check_exposure
 from .config import Settings
 from .engine import EngineSlot, adapter_dtype, lora_request, open_engine
 from .errors import ConfigError
 from .inference import InferenceServicer
 from .interceptors import ServiceInterceptor
+from .limits import TenantLimiter
 from .logs import configure_logging
 from .metrics import Metrics, serve_metrics
 from .registry import AdapterRegistry
 from .selection import Selector
 from .servicers import AdaptersServicer, MergesServicer, TenantsServicer
 from .store import Store, open_store
+from .tls import server_credentials
 from .versions import MergedVersions
 
 logger = logging.getLogger("loramerge.server")
@@ -70,6 +73,7 @@ def resolve_assets(settings: Settings) -> tuple[Path, dict[str, Path]]:
 async def serve(settings: Settings) -> None:
     """Run the server until SIGTERM or SIGINT."""
     configure_logging(settings.log_level, settings.log_format)
+    check_exposure(settings)
     metrics = Metrics(settings.metrics)
     try:
         metrics_server, _ = serve_metrics(settings.metrics)
@@ -110,7 +114,9 @@ async def _run(
     )
     await versions.pool_changed(registry.pool)
 
-    server = grpc.aio.server(interceptors=[ServiceInterceptor(metrics)])
+    authenticator = Authenticator(store, settings.auth.enabled)
+    limiter = TenantLimiter(settings.limits)
+    server = grpc.aio.server(interceptors=[ServiceInterceptor(metrics, authenticator, limiter)])
     inference_pb2_grpc.add_InferenceServicer_to_server(
         InferenceServicer(
             slot,
@@ -136,11 +142,14 @@ async def _run(
     )
     address = f"{settings.grpc.host}:{settings.grpc.port}"
     try:
-        server.add_insecure_port(address)
+        if settings.tls.enabled:
+            server.add_secure_port(address, server_credentials(settings.tls))
+        else:
+            server.add_insecure_port(address)
     except RuntimeError as err:
         raise ConfigError(f"cannot listen on {address}: {err}", "grpc.port") from None
     await server.start()
-    logger.info("gRPC listening", extra={"address": address})
+    logger.info("gRPC listening", extra={"address": address, "tls": settings.tls.enabled})
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
