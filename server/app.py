@@ -131,7 +131,7 @@ async def _run(
     merges_pb2_grpc.add_MergesServicer_to_server(MergesServicer(selector, versions), server)
     tenants_pb2_grpc.add_TenantsServicer_to_server(TenantsServicer(store, selector), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
-        AdaptersServicer(registry, versions, selector, merge.device), server
+        AdaptersServicer(registry, versions, selector, merge.device, store), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -9,7 +9,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from loramerge.merge_engine import MergeSpec, merged_diagnostics, pool_diagnostics
+from loramerge.merge_engine import (
+    MergeSpec,
+    merged_diagnostics,
+    pool_diagnostics,
+    validate_adapter_name,
+)
 from loramerge.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
@@ -21,7 +26,7 @@ from loramerge.v1 import (
 
 from . import translate
 from .domain import validate_tenant_id
-from .errors import InvalidRequestError
+from .errors import ConflictError, InvalidRequestError
 from .logs import annotate
 from .registry import AdapterRegistry
 from .selection import Selection, Selector
@@ -30,6 +35,23 @@ from .versions import MergedVersions
 
 MAX_PAGE = 1000
 EXPORT_CHUNK = 1 << 20
+MAX_VERSION = 2**63 - 1  # the store's integers are signed 64-bit
+TENANTS_LISTED = 20
+
+
+def _version(value: int, field: str) -> int:
+    if not 1 <= value <= MAX_VERSION:
+        raise InvalidRequestError(field, f"must be in [1, 2^63 - 1], got {value}")
+    return value
+
+
+def _tenants_using(store: Store, adapter: str) -> list[str]:
+    """Ids of the tenants whose latest preference gives `adapter` a positive weight."""
+    users, after = [], None
+    while page := store.list_tenants(MAX_PAGE, after):
+        users += [r.tenant_id for r in page if r.preference.get(adapter, 0.0) > 0]
+        after = page[-1].tenant_id
+    return users
 
 
 class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
@@ -45,7 +67,11 @@ class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
         preference = translate.preference_from_proto(tenant.preference, "tenant.preference")
         choice = translate.merge_choice_from_proto(tenant.merge)
         self._selector.validate(preference, choice)
-        expected = request.expected_version if request.HasField("expected_version") else None
+        expected = (
+            _version(request.expected_version, "expected_version")
+            if request.HasField("expected_version")
+            else None
+        )
         record = await asyncio.to_thread(
             self._store.set_tenant, tenant.tenant_id, preference, choice, expected
         )
@@ -56,7 +82,7 @@ class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
         self, request: tenants_pb2.GetTenantRequest, context: grpc.aio.ServicerContext
     ) -> tenants_pb2.GetTenantResponse:
         validate_tenant_id(request.tenant_id)
-        version = request.version if request.HasField("version") else None
+        version = _version(request.version, "version") if request.HasField("version") else None
         record = await asyncio.to_thread(self._store.get_tenant, request.tenant_id, version)
         return tenants_pb2.GetTenantResponse(tenant=translate.tenant_to_proto(record))
 
@@ -86,8 +112,14 @@ class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):  # type: ignore[misc]
     def __init__(
-        self, registry: AdapterRegistry, versions: MergedVersions, selector: Selector, device: str
+        self,
+        registry: AdapterRegistry,
+        versions: MergedVersions,
+        selector: Selector,
+        device: str,
+        store: Store,
     ) -> None:
+        self._store = store
         self._registry = registry
         self._versions = versions
         self._selector = selector
@@ -109,6 +141,21 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):  # type: ignore[misc
     async def RemoveAdapter(
         self, request: adapters_pb2.RemoveAdapterRequest, context: grpc.aio.ServicerContext
     ) -> adapters_pb2.RemoveAdapterResponse:
+        validate_adapter_name(request.name, "name")
+        if not request.force:
+            users = await asyncio.to_thread(_tenants_using, self._store, request.name)
+            if users:
+                listed = ", ".join(users[:TENANTS_LISTED])
+                more = (
+                    f" and {len(users) - TENANTS_LISTED} more"
+                    if len(users) > TENANTS_LISTED
+                    else ""
+                )
+                raise ConflictError(
+                    f"adapter {request.name!r} has a weight in the preference of tenants "
+                    f"{listed}{more}; update them first or set force",
+                    "name",
+                )
         pool = await self._registry.remove(request.name)
         await self._versions.pool_changed(pool)
         return adapters_pb2.RemoveAdapterResponse(
