@@ -87,7 +87,7 @@ class AdapterRegistry:
             if not any(target.is_relative_to(root) for root in self._roots):
                 roots = ", ".join(str(root) for root in self._roots)
                 raise PermissionDeniedError(
-                    f"{shown(str(candidate))} resolves outside the allowed roots ({roots})", "path"
+                    f"{shown(str(candidate))} is not under an allowed root ({roots})", "path"
                 )
         return resolved
 
