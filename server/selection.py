@@ -72,11 +72,15 @@ class Selector:
         """The server's own merge settings fail at start, not later as a client's error."""
         try:
             spec_for(self._defaults, self._settings.engine.max_lora_rank)
-            for index, tenant_id in enumerate(self._settings.merge.hot_tenants):
-                validate_tenant_id(tenant_id, f"merge.hot_tenants[{index}]")
-        except (InvalidRequestError, InvalidArgumentError) as err:
-            field = err.field if err.field.startswith("merge.") else f"merge.{err.field}"
+        except InvalidArgumentError as err:
+            name = str(err.field).removeprefix("params.")
+            field = "merge.method" if name == "method" else f"merge.params.{name}"
             raise ConfigError(f"invalid server setting: {err}", field) from None
+        for index, tenant_id in enumerate(self._settings.merge.hot_tenants):
+            try:
+                validate_tenant_id(tenant_id, f"merge.hot_tenants[{index}]")
+            except InvalidRequestError as err:
+                raise ConfigError(f"invalid server setting: {err}", err.field) from None
 
     def require_pool(self) -> AdapterPool:
         pool = self._registry.pool

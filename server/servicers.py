@@ -26,7 +26,7 @@ from loramerge.v1 import (
 
 from . import translate
 from .domain import validate_tenant_id
-from .errors import ConflictError, InvalidRequestError
+from .errors import ConflictError, InvalidRequestError, OverloadedError
 from .logs import annotate
 from .registry import AdapterRegistry
 from .selection import Selection, Selector
@@ -124,6 +124,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):  # type: ignore[misc
         self._versions = versions
         self._selector = selector
         self._device = device
+        self._diagnostics = asyncio.Semaphore(1)  # fp64 SVDs of the whole pool: one at a time
 
     async def RegisterAdapter(
         self, request: adapters_pb2.RegisterAdapterRequest, context: grpc.aio.ServicerContext
@@ -175,6 +176,14 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):  # type: ignore[misc
 
     async def GetDiagnostics(
         self, request: adapters_pb2.GetDiagnosticsRequest, context: grpc.aio.ServicerContext
+    ) -> adapters_pb2.GetDiagnosticsResponse:
+        if self._diagnostics.locked():
+            raise OverloadedError("a diagnostics computation is running; retry", retry_after=1.0)
+        async with self._diagnostics:
+            return await self._diagnose(request)
+
+    async def _diagnose(
+        self, request: adapters_pb2.GetDiagnosticsRequest
     ) -> adapters_pb2.GetDiagnosticsResponse:
         pool = self._selector.require_pool()
         preference = translate.preference_from_proto(request.preference, "preference")
