@@ -58,7 +58,9 @@ class CertificateFiles:
             if b"-----BEGIN " not in data:
                 raise ConfigError(f"{path} is not a PEM file", "tls")
         try:  # a key that does not belong to the certificate would fail every handshake
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(*self._files[:2])
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                str(self._files[0]), str(self._files[1])
+            )
         except (ssl.SSLError, OSError) as err:
             raise ConfigError(
                 f"{self._files[0]} and {self._files[1]} are not a certificate and its key: {err}",
