@@ -106,13 +106,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):  # type: ignore[m
         self._metrics.count_tenant(request.tenant_id)
         try:
             self._check_prompt_size(request)
-            # Tokenising (and the chat template) is CPU work: off the event loop.
-            prompt = await asyncio.to_thread(self._prompt, request, engine, sampling.max_tokens)
             selection = await self._selector.select(
                 request.tenant_id,
                 translate.preference_from_proto(request.preference, "preference"),
                 translate.merge_choice_from_proto(request.merge),
             )
+            # Tokenising (and the chat template) is CPU work: off the event loop, once the
+            # request is known to be valid otherwise.
+            prompt = await asyncio.to_thread(self._prompt, request, engine, sampling.max_tokens)
             async with AsyncExitStack() as stack:
                 adapter_id, lora = "", None
                 if selection is not None:
