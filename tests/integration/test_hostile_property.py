@@ -5,7 +5,8 @@ changes nothing (tenants, adapters, resident merged versions).
 Requests are built field by field from the message descriptors, each field drawn from hostile
 values (NaN, huge numbers, 2^63, control characters, long strings, unknown names) mixed with
 valid ones, or sent as random bytes. Valid requests may change state, so they only touch
-tenants named `h-*`, never remove or register real adapters, and generate at most one token.
+tenants named `h-*`, never remove or register real adapters, and generate at most one token;
+GetDiagnostics requests always name an unknown adapter (a valid one computes for ~30 s here).
 Derandomized, so CI runs the same examples every time.
 """
 
@@ -131,6 +132,8 @@ def requests(path: str, pool: list[str]) -> st.SearchStrategy[bytes]:
             request.max_tokens = 1
         if cls is adapters_pb2.RegisterAdapterRequest and request.path.startswith("/tmp"):
             request.path = "/etc"  # never a real adapter directory
+        if cls is adapters_pb2.GetDiagnosticsRequest:  # a valid one costs ~30 s of fp64 SVDs
+            request.preference["h-unknown"] = 1.0
         return request.SerializeToString()
 
     return message(cls.DESCRIPTOR, pool, path).map(build) | st.binary(max_size=48)
