@@ -191,18 +191,22 @@ def subject(principal: Principal, tenant_id: str) -> str:
 
 
 def check_exposure(settings: Settings) -> None:
-    """Refuse to serve on a non-loopback address without authentication, unless the
+    """Refuse to serve gRPC on a non-loopback address without authentication, unless the
     configuration says so explicitly (`auth.allow_unauthenticated_remote`)."""
+    check_listener(settings, settings.grpc.host, "grpc.host")
+
+
+def check_listener(settings: Settings, host: str, field: str) -> None:
+    """The same check for any listener (the HTTP endpoint calls it with its own host)."""
     if settings.auth.enabled or settings.auth.allow_unauthenticated_remote:
         return
-    host = settings.grpc.host
     if host == "localhost" or _is_loopback(host):
         return
     raise ConfigError(
-        f"grpc.host {host!r} is not a loopback address and auth.enabled is false: anyone who "
+        f"{field} {host!r} is not a loopback address and auth.enabled is false: anyone who "
         "can reach it could act as any tenant. Enable auth (LORAMERGE_AUTH__ENABLED=true, then "
         "`loramerge keys create --admin`) or set auth.allow_unauthenticated_remote: true",
-        "grpc.host",
+        field,
     )
 
 
