@@ -40,9 +40,9 @@ MAX_VERSION = 2**63 - 1  # the store's integers are signed 64-bit
 TENANTS_LISTED = 20
 
 
-def _version(value: int, field: str) -> int:
-    if not 1 <= value <= MAX_VERSION:
-        raise InvalidRequestError(field, f"must be in [1, 2^63 - 1], got {value}")
+def _version(value: int, field: str, lowest: int = 1) -> int:
+    if not lowest <= value <= MAX_VERSION:
+        raise InvalidRequestError(field, f"must be in [{lowest}, 2^63 - 1], got {value}")
     return value
 
 
@@ -69,7 +69,7 @@ class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
         choice = translate.merge_choice_from_proto(tenant.merge)
         self._selector.validate(preference, choice)
         expected = (
-            _version(request.expected_version, "expected_version")
+            _version(request.expected_version, "expected_version", lowest=0)
             if request.HasField("expected_version")
             else None
         )
