@@ -28,6 +28,7 @@ START_TIMEOUT = 300.0
 class WithKey(
     grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
     grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
 ):
     """Sends `authorization: Bearer <key>` with every call of a channel."""
 
@@ -44,6 +45,9 @@ class WithKey(
 
     def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
         return continuation(self._with_key(details), request)
+
+    def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._with_key(details), requests)
 
 
 def create_key(config: Path, *args: str) -> str:
