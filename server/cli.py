@@ -4,6 +4,7 @@ loramerge serve      run the gRPC server (real vLLM engine)
 loramerge prepare    convert the embedded model and train the default adapters (cached)
 loramerge merge      merge local adapters into a PEFT adapter directory, offline
 loramerge diagnose   interference diagnostics of local adapters
+loramerge keys       create, list and revoke API keys
 
 On a running server (loramerge_client): generate, tenants, adapters, remote-merge.
 """
@@ -36,6 +37,7 @@ from loramerge_client.cli import add_parser as add_remote_commands
 from loramerge_client.cli import parse_pairs as _pairs
 from loramerge_client.cli import parse_preference as _weights
 
+from . import keys_cli
 from .config import load_settings
 from .errors import ServerError
 
@@ -207,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     methods = commands.add_parser("methods", help="list the merge methods and their parameters")
     methods.set_defaults(run=_methods)
 
+    keys_cli.add_parser(commands)
     add_remote_commands(commands)
     return parser
 

@@ -6,6 +6,7 @@ metrics and log fields."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
@@ -27,6 +28,10 @@ DEFAULT_MAX_TOKENS = 64
 ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+MAX_MESSAGES = 256
+BYTES_PER_TOKEN = 16  # a prompt longer than this many bytes per context token cannot fit
+MAX_TOP_K = 1 << 20
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -110,10 +115,13 @@ class Generator:
         annotate(tenant=request.tenant_id, request_id=request_id)
         self._metrics.count_tenant(request.tenant_id)
         try:
-            prompt = self._prompt(request, engine, sampling.max_tokens)
+            self._check_prompt_size(request)
             selection = await self._selector.select(
                 request.tenant_id, request.preference, request.merge
             )
+            # Tokenising (and the chat template) is CPU work: off the event loop, once the
+            # request is known to be valid otherwise.
+            prompt = await asyncio.to_thread(self._prompt, request, engine, sampling.max_tokens)
             async with AsyncExitStack() as stack:
                 adapter_id, lora = "", None
                 if selection is not None:
@@ -165,12 +173,30 @@ class Generator:
             last.adapter_id,
         )
 
+    def _check_prompt_size(self, request: GenerationRequest) -> None:
+        """Bounds checked before any tokenising: exactly one of prompt and messages, at most
+        `MAX_MESSAGES` messages, and no more UTF-8 bytes than the context could hold."""
+        if bool(request.prompt) == bool(request.messages):
+            raise InvalidRequestError("prompt", "give exactly one of prompt and messages")
+        if len(request.messages) > MAX_MESSAGES:
+            raise InvalidRequestError(
+                "messages", f"at most {MAX_MESSAGES} messages, got {len(request.messages)}"
+            )
+        limit = BYTES_PER_TOKEN * self._max_model_len
+        field = "prompt" if request.prompt else "messages"
+        size = len(request.prompt.encode()) + sum(
+            len(m.content.encode()) + len(m.role) for m in request.messages
+        )
+        if size > limit:
+            raise InvalidRequestError(
+                field, f"{size} bytes cannot fit the {self._max_model_len}-token context "
+                f"(limit {limit} bytes)",
+            )  # fmt: skip
+
     def _prompt(
         self, request: GenerationRequest, engine: Any, max_tokens: int
     ) -> dict[str, list[int]]:
         """Token ids of the prompt (raw text, or chat messages through the chat template)."""
-        if bool(request.prompt) == bool(request.messages):
-            raise InvalidRequestError("prompt", "give exactly one of prompt and messages")
         tokenizer = engine.get_tokenizer()
         field = "prompt"
         if request.prompt:
@@ -198,6 +224,7 @@ class Generator:
         return {"prompt_token_ids": list(ids)}
 
     def _sampling(self, request: GenerationRequest) -> Any:
+        from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
@@ -205,14 +232,17 @@ class Generator:
             raise InvalidRequestError(
                 "max_tokens", f"must be in [1, {self._max_model_len}], got {max_tokens}"
             )
+        # The bounds are vLLM's own (SamplingParams._verify_args), checked before calling it.
         temperature = 0.0 if request.temperature is None else request.temperature
-        if not math.isfinite(temperature) or not 0 <= temperature <= 100:
-            raise InvalidRequestError("temperature", f"must be in [0, 100], got {temperature}")
+        if not math.isfinite(temperature) or not 0 <= temperature <= 2:
+            raise InvalidRequestError("temperature", f"must be in [0, 2], got {temperature}")
         top_p = 1.0 if request.top_p is None else request.top_p
         if not math.isfinite(top_p) or not 0 < top_p <= 1:
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {top_p}")
-        if request.top_k < 0:
-            raise InvalidRequestError("top_k", f"must be ≥ 0, got {request.top_k}")
+        if not 0 <= request.top_k <= MAX_TOP_K:
+            raise InvalidRequestError("top_k", f"must be in [0, {MAX_TOP_K}], got {request.top_k}")
+        if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
+            raise InvalidRequestError("seed", f"must be in [0, 2^63 - 1], got {request.seed}")
         if len(request.stop) > MAX_STOP_STRINGS or any(
             not s or len(s) > MAX_STOP_LENGTH for s in request.stop
         ):
@@ -220,12 +250,15 @@ class Generator:
                 "stop",
                 f"at most {MAX_STOP_STRINGS} non-empty strings of ≤ {MAX_STOP_LENGTH} characters",
             )
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=request.top_k,
-            stop=list(request.stop) or None,
-            seed=request.seed,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=request.top_k,
+                stop=list(request.stop) or None,
+                seed=request.seed,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except VLLMValidationError as err:  # a bound vLLM has and the checks above missed
+            raise InvalidRequestError(err.parameter or "request", str(err)) from None

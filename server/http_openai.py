@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,6 +23,7 @@ import grpc
 from aiohttp import web
 from pydantic import ValidationError
 
+from . import auth
 from . import http_schema as schema
 from .accounting import record_request
 from .config import HttpSettings
@@ -29,6 +32,7 @@ from .engine import EngineSlot
 from .errors import ConfigError, EngineUnavailableError, NotFoundError
 from .generation import Chunk, Generator
 from .interceptors import status_for
+from .limits import Admission, TenantLimiter
 from .logs import annotate, begin_request
 from .metrics import Metrics
 from .store import Store
@@ -71,9 +75,13 @@ class Failure:
     code: grpc.StatusCode
     status: int
     body: dict[str, Any]
+    retry_after: float | None = None
 
     def response(self) -> web.Response:
-        return web.json_response(self.body, status=self.status)
+        headers = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        return web.json_response(self.body, status=self.status, headers=headers)
 
 
 def failure(error: BaseException, fields: dict[str, Any]) -> Failure:
@@ -90,7 +98,7 @@ def failure(error: BaseException, fields: dict[str, Any]) -> Failure:
     status, kind = HTTP_STATUS.get(code, (500, "internal_error"))
     fields["error"] = message
     body = {"error": {"message": message, "type": kind, "param": param, "code": code.name.lower()}}
-    return Failure(code, status, body)
+    return Failure(code, status, body, getattr(error, "retry_after", None))
 
 
 class OpenAIEndpoint:
@@ -102,6 +110,8 @@ class OpenAIEndpoint:
         store: Store,
         engine: EngineSlot,
         metrics: Metrics,
+        authenticator: auth.Authenticator,
+        limiter: TenantLimiter,
         *,
         model_id: str,
         max_body_bytes: int,
@@ -110,6 +120,8 @@ class OpenAIEndpoint:
         self._store = store
         self._engine = engine
         self._metrics = metrics
+        self._auth = authenticator
+        self._limiter = limiter
         self._model_id = model_id
         self._max_body_bytes = max_body_bytes
         self._started = int(time.time())
@@ -182,15 +194,35 @@ class OpenAIEndpoint:
         body: schema.ChatCompletionRequest | schema.CompletionRequest,
         shape: schema.Shape,
     ) -> web.StreamResponse:
+        principal = await self._authenticate(request)
+        tenant_id = body.tenant_id()
+        auth.authorize_generate(principal, tenant_id, inline="loramerge" in body.model_fields_set)
         request_id, generation = shape.new_id(), body.generation()
-        if body.stream:
-            return await self._stream(
-                request, body, shape, request_id, self._generator.stream(generation, PROTOCOL)
-            )
-        result = await self._generator.complete(generation, PROTOCOL)
+        with self._admit(auth.subject(principal, tenant_id)) as admission:
+            if body.stream:
+                chunks = self._generator.stream(generation, PROTOCOL)
+                return await self._stream(request, body, shape, request_id, chunks, admission)
+            result = await self._generator.complete(generation, PROTOCOL)
+            if admission is not None:
+                admission.charge_tokens(result.completion_tokens)
         return web.json_response(
             shape.whole(request_id, body.model, result), headers={ADAPTER_HEADER: result.adapter_id}
         )
+
+    async def _authenticate(self, request: web.Request) -> auth.Principal:
+        """The caller behind `Authorization: Bearer <key>` (the same keys as gRPC)."""
+        principal = await self._auth.authenticate(request.headers.get("Authorization"))
+        annotate(key_id=principal.key_id)
+        return principal
+
+    @contextmanager
+    def _admit(self, subject: str) -> Iterator[Admission | None]:
+        """The tenant's rate and concurrency limits, as for gRPC (OverloadedError → 429)."""
+        if not self._limiter.enabled:
+            yield None
+            return
+        with self._limiter.admit(subject) as admission:
+            yield admission
 
     async def _parse(self, request: web.Request, model: type[Body]) -> Body:
         body = model.model_validate_json(await request.read())
@@ -205,6 +237,7 @@ class OpenAIEndpoint:
         shape: schema.Shape,
         request_id: str,
         chunks: AsyncGenerator[Chunk, None],
+        admission: Admission | None,
     ) -> web.StreamResponse:
         """Server-sent events. The first chunk is awaited before the response starts, so errors
         found before generation (validation, unknown tenant, overload) keep their HTTP status;
@@ -224,6 +257,8 @@ class OpenAIEndpoint:
             last, is_first = first, True
             chunk: Chunk | None = first
             while chunk is not None:
+                if admission is not None:  # counts are cumulative
+                    admission.charge_tokens(chunk.completion_tokens - admission.charged)
                 await _send(response, shape.chunk(request_id, body.model, created, chunk, is_first))
                 last, is_first = chunk, False
                 chunk = await anext(chunks, None)
@@ -245,8 +280,14 @@ class OpenAIEndpoint:
         return response
 
     async def models(self, request: web.Request) -> web.Response:
-        """The base model and one `tenant:<id>` per stored tenant."""
+        """The base model and one `tenant:<id>` per stored tenant (a tenant's key: its own)."""
+        principal = await self._authenticate(request)
         cards = [schema.model_card(self._model_id, self._started)]
+        if not principal.is_admin:
+            own = principal.tenant_id
+            if own:
+                cards.append(schema.model_card(schema.TENANT_PREFIX + own, self._started))
+            return web.json_response({"object": "list", "data": cards})
         after: str | None = None
         while True:
             page = await asyncio.to_thread(self._store.list_tenants, TENANT_LIST_PAGE, after)

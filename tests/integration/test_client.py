@@ -39,7 +39,7 @@ ALLOWED_DISTRIBUTIONS = {
 
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> Client:
-    with Client(server.address, timeout=120) as connection:
+    with Client(server.address, token=server.api_key, timeout=120) as connection:
         yield connection  # type: ignore[misc]
 
 
@@ -104,7 +104,7 @@ def test_merge_and_export_a_peft_folder(
 
 def test_async_client_has_the_same_calls(server: ServerProcess) -> None:
     async def run() -> tuple[str, str, list[str]]:
-        async with AsyncClient(server.address, timeout=120) as aclient:
+        async with AsyncClient(server.address, token=server.api_key, timeout=120) as aclient:
             whole = await aclient.generate("The capital of France is", max_tokens=4)
             parts = [c.text async for c in aclient.stream("The capital of France is",
                                                            max_tokens=4)]  # fmt: skip
@@ -121,7 +121,8 @@ def test_async_client_has_the_same_calls(server: ServerProcess) -> None:
 def test_cli_remote_commands(
     server: ServerProcess, task_names: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    target = ["--target", server.address]
+    assert server.api_key is not None
+    target = ["--target", server.address, "--token", server.api_key]
     assert main(["generate", "The capital of France is", "--max-tokens", "4", "--json",
                  *target]) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out)
@@ -143,11 +144,11 @@ def test_cli_remote_commands(
     assert "NOT_FOUND" in capsys.readouterr().err
     assert main(["generate", "x", "--max-tokens", "0", *target]) == 1
     assert "INVALID_ARGUMENT: max_tokens:" in capsys.readouterr().err
-    os.environ["LORAMERGE_TARGET"] = server.address
+    os.environ.update(LORAMERGE_TARGET=server.address, LORAMERGE_TOKEN=server.api_key)
     try:
-        assert main(["tenants", "delete", "cli-t"]) == 0  # target from the environment
+        assert main(["tenants", "delete", "cli-t"]) == 0  # target and token from the environment
     finally:
-        del os.environ["LORAMERGE_TARGET"]
+        del os.environ["LORAMERGE_TARGET"], os.environ["LORAMERGE_TOKEN"]
     assert "deleted tenant cli-t" in capsys.readouterr().out
 
 
@@ -181,7 +182,8 @@ def test_pip_install_into_a_fresh_venv_and_run_the_readme_example(
     )
     run = subprocess.run(
         [str(python), "-c", script], capture_output=True, text=True, timeout=300,
-        env={"PATH": os.environ["PATH"], "LORAMERGE_TARGET": server.address},
+        env={"PATH": os.environ["PATH"], "LORAMERGE_TARGET": server.address,
+             "LORAMERGE_TOKEN": server.api_key or ""},
         cwd=tmp_path,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]

@@ -21,7 +21,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def sdk(server: ServerProcess) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=server.http_url, api_key="unused", max_retries=0) as client:
+    with openai.OpenAI(base_url=server.http_url, api_key=server.api_key, max_retries=0) as client:
         yield client
 
 
@@ -175,6 +175,15 @@ def test_bad_parameters_are_400_naming_the_field(
         assert bad.value.status_code == 400
         if param is not None:
             assert bad.value.body["param"] == param, bad.value.body  # type: ignore[index]
+
+
+def test_the_same_api_keys_as_grpc(server: ServerProcess, base_model: str) -> None:
+    """Authentication is on in the session server: no key or a wrong key is a 401."""
+    for key in ("", "lm_0123456789abcdef.wrong"):
+        anonymous = openai.OpenAI(base_url=server.http_url, api_key=key, max_retries=0)
+        with anonymous, pytest.raises(openai.AuthenticationError) as refused:
+            anonymous.completions.create(model=base_model, prompt="Hi", max_tokens=1)
+        assert refused.value.status_code == 401
 
 
 def test_http_requests_are_counted_with_their_protocol(

@@ -17,9 +17,12 @@ from aiohttp.test_utils import TestServer
 from serving import EngineDouble, make_residency, metrics, select
 
 from loramerge.merge_engine import AdapterPool
+from loramerge.server.auth import Authenticator
+from loramerge.server.config import LimitSettings
 from loramerge.server.engine import EngineSlot
 from loramerge.server.generation import Generator
 from loramerge.server.http_openai import ADAPTER_HEADER, OpenAIEndpoint
+from loramerge.server.limits import TenantLimiter
 from loramerge.server.residency import Residency
 from loramerge.server.selection import Selection
 
@@ -100,13 +103,10 @@ def run(
             max_model_len=512, max_concurrent=4,
         )  # fmt: skip
         endpoint = OpenAIEndpoint(
-            generator,
-            None,
-            slot,
-            metrics(),
-            model_id="base",
-            max_body_bytes=1 << 16,  # type: ignore[arg-type]
-        )
+            generator, None, slot, metrics(),  # type: ignore[arg-type]
+            Authenticator(None, enabled=False),  # type: ignore[arg-type]
+            TenantLimiter(LimitSettings()), model_id="base", max_body_bytes=1 << 16,
+        )  # fmt: skip
         server = TestServer(endpoint.application())
         await server.start_server()
         try:
