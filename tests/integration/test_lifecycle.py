@@ -83,7 +83,7 @@ def test_the_engine_dying_makes_the_process_exit_for_a_restart(server: ServerPro
         os.kill(pid, signal.SIGKILL)
     seen: set[str] = set()
     began = time.monotonic()
-    with grpc.insecure_channel(server.address) as channel:
+    with server.channel() as channel:
         health = health_pb2_grpc.HealthStub(channel)
         generate = inference_pb2_grpc.InferenceStub(channel).Generate
         while server.process.poll() is None and time.monotonic() - began < 30:
