@@ -15,7 +15,7 @@ STUBS := proto/loramerge/v1/.generated
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install proto serve prepare test lint unit integration bench clean system-deps
+.PHONY: install proto serve prepare test lint unit integration bench bench-scale clean system-deps
 
 install: $(STAMP) $(STUBS)
 
@@ -70,6 +70,11 @@ test: lint system-deps
 
 bench: install
 	$(PY) benchmarks/hotswap.py
+
+# Tenants 8 → 64 → 512 against plain vLLM and the base model (~35 min on 2 CPU cores);
+# one point alone: make bench-scale ARGS="--tenants 64 --steps"
+bench-scale: install
+	$(PY) benchmarks/tenant_scale.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) proto/loramerge/v1/*_pb2*.py* $(STUBS)
