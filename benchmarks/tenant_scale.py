@@ -45,15 +45,16 @@ from prometheus_client import CollectorRegistry
 from tenant_scale_report import Point, RunResult, SweepRow, load_results, report, save_results
 
 from loramerge.merge_engine import AdapterPool, CalibrationCache, merge, save_adapter
-from loramerge.server.app import resolve_assets
+from loramerge.server.app import build_residency, resolve_assets
 from loramerge.server.config import Settings, load_settings
 from loramerge.server.domain import MergeChoice
 from loramerge.server.engine import adapter_dtype, lora_request, open_engine, quiet_vllm
 from loramerge.server.metrics import Metrics
 from loramerge.server.registry import AdapterRegistry
+from loramerge.server.residency import Residency
 from loramerge.server.selection import Selection, Selector
 from loramerge.server.store import Store, open_store
-from loramerge.server.versions import MergedVersions, version_key
+from loramerge.server.version_key import version_key
 
 ZIPF_S = 1.1
 STREAM_SHARE = 0.5
@@ -67,7 +68,7 @@ PROMPTS = (
 )
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "tenant_scale.json"
 PLOT = RESULTS.with_suffix(".png")
-PLAIN_LORA_IDS = 1_000_000  # far above the ids MergedVersions hands out
+PLAIN_LORA_IDS = 1_000_000  # far above the ids the version builder hands out
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def dir_bytes(path: Path) -> int:
 
 
 class TimedLoraCalls:
-    """The engine as MergedVersions sees it, counting and timing its add/remove_lora calls."""
+    """The engine as the residency sees it, counting and timing its add/remove_lora calls."""
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
@@ -163,27 +164,33 @@ class TimedLoraCalls:
 
 @dataclass
 class Served:
-    """loramerge's merged versions for one preference step, and what they report."""
+    """loramerge's residency for one preference step, and what it reports."""
 
-    versions: MergedVersions
+    residency: Residency
     pool: AdapterPool
     metrics: CollectorRegistry
     engine: TimedLoraCalls
-    export_dir: Path
+    run_dir: Path
 
     def probe(self) -> tuple[int, int]:
         resident = self.metrics.get_sample_value("loramerge_resident_adapters") or 0
-        return dir_bytes(self.export_dir), int(resident)
+        return dir_bytes(self.run_dir), int(resident)
 
     def counters(self) -> dict[str, Any]:
         counters = loramerge_counters(self.metrics)
         counters["evict_seconds"] = self.engine.seconds["remove_lora"]
         return counters
 
-    async def evict_all(self) -> None:
-        """Evict every merged version, as a pool change does (the next run starts cold)."""
-        await self.versions.pool_changed(None)
-        await self.versions.pool_changed(self.pool)
+    async def evict_all(self, engine: Any, timeout: float = 120.0) -> None:
+        """Evict every merged version as a pool change does (the reaper removes them in the
+        background), and wait until the engine holds none: the next run starts cold."""
+        await self.residency.pool_changed(None)
+        deadline = time.perf_counter() + timeout
+        while self.residency.resident or await engine.list_loras():
+            if time.perf_counter() > deadline:
+                raise TimeoutError("merged versions still loaded after the run")
+            await asyncio.sleep(0.1)
+        await self.residency.pool_changed(self.pool)
 
 
 LoraScope = Callable[[Request], AbstractAsyncContextManager[Any]]  # → the LoRARequest or None
@@ -226,8 +233,8 @@ class Bench:
     async def loramerge(
         self, trace: Sequence[Request], args: Any, step: float, label: str
     ) -> RunResult:
-        """One run on the server's long-lived MergedVersions for `step`: its calibration cache
-        stays warm between runs, as in a server; no merged version is resident at the start."""
+        """One run on the server's long-lived residency for `step`: its calibration cache stays
+        warm between runs, as in a server; no merged version is resident at the start."""
         served = await self.served(step)
         before = served.counters()
 
@@ -235,9 +242,7 @@ class Bench:
         async def scope(request: Request) -> AsyncIterator[Any]:
             # what InferenceServicer does: select, lease, generate with the lease's adapter
             selection = await self.select(request)
-            async with served.versions.lease(
-                selection.pool, selection.spec, selection.rho, pin_for=selection.pin_for
-            ) as lease:
+            async with served.residency.lease(selection) as lease:
                 yield lease.version.lora_request
 
         sampler = Sampler(label, len(trace))
@@ -246,35 +251,28 @@ class Bench:
             result = await self.drive(trace, args, scope, sampler)
             after = served.counters()
         finally:
-            await served.evict_all()
+            await served.evict_all(self.engine)
         return dataclasses.replace(result, **{k: after[k] - before[k] for k in after})
 
     async def served(self, step: float) -> Served:
         if step not in self._served:
-            merge_settings = self.settings.merge
+            merge_settings = self.settings.merge.model_copy(update={"preference_step": step})
+            settings = self.settings.model_copy(update={"merge": merge_settings})
             metrics = CollectorRegistry()
             engine = TimedLoraCalls(self.engine)
-            export_dir = self.work / f"shm-{step:g}"
-            versions = MergedVersions(  # as server/app.py builds it
-                engine,
-                lora_request,
-                Metrics(self.settings.metrics, metrics),
-                capacity=min(merge_settings.cache_size, self.settings.engine.resident_adapters),
-                export_dir=export_dir,
-                export_dtype=adapter_dtype(self.settings.engine),
-                preference_step=step,
-                device=merge_settings.device,
-                dtype=merge_settings.dtype,
-                max_concurrent_merges=merge_settings.max_concurrent_merges,
-                calibration_cache_size=merge_settings.calibration_cache_size,
+            run_dir = self.work / f"run-{step:g}"
+            run_dir.mkdir()
+            residency = build_residency(  # the server's serving core
+                settings, engine, Metrics(settings.metrics, metrics), run_dir
             )
-            await versions.pool_changed(self.pool)
-            self._served[step] = Served(versions, self.pool, metrics, engine, export_dir)
+            residency.start()
+            await residency.engine_started(self.pool)
+            self._served[step] = Served(residency, self.pool, metrics, engine, run_dir)
         return self._served[step]
 
     async def close(self) -> None:
         for served in self._served.values():
-            await served.versions.close()
+            await served.residency.close()
 
     async def plain(self, trace: Sequence[Request], args: Any, label: str) -> RunResult:
         loras = {t: self.plain_lora(t) for t in {r.tenant for r in trace}}
@@ -307,8 +305,8 @@ class Bench:
         todo = sorted({r.tenant for r in trace if not self.plain_path(r.tenant).exists()})
         for done, tenant in enumerate(todo, 1):
             selection = await self.select(Request(tenant, 0, False))
-            units = version_key(selection.pool, selection.spec, selection.rho, step).preference
-            preference = {n: u / sum(units) for n, u in zip(self.pool.names, units, strict=True)}
+            key = version_key(selection.pool, selection.spec, selection.rho, step)
+            preference = dict(zip(self.pool.names, key.simplex(), strict=True))
             merge_settings = self.settings.merge
             result = merge(
                 selection.pool,
