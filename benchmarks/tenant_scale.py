@@ -4,8 +4,7 @@ One process, one real vLLM engine (`max_loras` 4, `max_cpu_loras` 16 unless the 
 otherwise), the embedded model and the default adapter pool. T tenants, each with its own stored
 preference (seeded Dirichlet(1) over the pool); a fixed trace of requests with Zipf popularity
 over tenants (s = 1.1), short prompts, short answers (`ignore_eos`, so every system generates the
-same tokens), half of them streamed. The same trace is served, `--concurrency` requests at a time,
-by:
+same tokens). The same trace is served, `--concurrency` requests at a time, by:
 
 1. loramerge: the server's path — the tenant's stored preference is looked up (Selector, a real
    SQLite store), the merged version is leased (merged, exported to /dev/shm and loaded on a
@@ -15,12 +14,15 @@ by:
 3. the base model (the ceiling).
 
 Every run starts cold (no adapter loaded); the order of the systems alternates between rounds,
-and the ratios are medians of per-round ratios. Then, at the largest T, loramerge alone with
+and the ratios are medians of per-round ratios. In-process, a unary request and a streamed one are
+the same engine stream (the server's unary Generate collects the deltas it streams), so TTFT, as
+the server's `loramerge_time_to_first_token_seconds` defines it, is measured on every request.
+Then, at the largest T, loramerge alone with
 each `--steps` preference step. Results go to a JSON file (one entry per T, so points can be run
 one at a time with `--tenants 64`), from which the markdown tables and the plot are made.
 
-    .venv/bin/python benchmarks/tenant_scale.py [--tenants 8 64 512] [--requests 48]
-        [--tokens 16] [--concurrency 8] [--rounds 2] [--steps 0.01 0.05 0.1]
+    .venv/bin/python benchmarks/tenant_scale.py [--tenants 8 64 512] [--requests 32]
+        [--tokens 12] [--concurrency 8] [--rounds 2] [--steps 0.01 0.05 0.1]
 """
 
 from __future__ import annotations
@@ -57,7 +59,6 @@ from loramerge.server.store import Store, open_store
 from loramerge.server.version_key import version_key
 
 ZIPF_S = 1.1
-STREAM_SHARE = 0.5
 PROMPTS = (
     "Add 17 and 25.",
     "Sort these words: pear, apple, fig.",
@@ -75,7 +76,6 @@ PLAIN_LORA_IDS = 1_000_000  # far above the ids the version builder hands out
 class Request:
     tenant: int
     prompt: int
-    stream: bool
 
 
 def tenant_id(index: int) -> str:
@@ -98,7 +98,7 @@ def zipf_trace(tenants: int, requests: int, seed: int) -> list[Request]:
     rng = random.Random(seed * 1_000_003 + tenants)
     weights = [(k + 1) ** -ZIPF_S for k in range(tenants)]
     chosen = rng.choices(range(tenants), weights, k=requests)
-    return [Request(t, rng.randrange(len(PROMPTS)), rng.random() < STREAM_SHARE) for t in chosen]
+    return [Request(t, rng.randrange(len(PROMPTS))) for t in chosen]
 
 
 class Sampler:
@@ -304,7 +304,7 @@ class Bench:
         cache = CalibrationCache()
         todo = sorted({r.tenant for r in trace if not self.plain_path(r.tenant).exists()})
         for done, tenant in enumerate(todo, 1):
-            selection = await self.select(Request(tenant, 0, False))
+            selection = await self.select(Request(tenant, 0))
             key = version_key(selection.pool, selection.spec, selection.rho, step)
             preference = dict(zip(self.pool.names, key.simplex(), strict=True))
             merge_settings = self.settings.merge
@@ -343,12 +343,14 @@ class Bench:
         queue = iter(trace)
         ttfts: list[float] = []
         latencies: list[float] = []
+        waits: list[float] = []
 
         async def one(request: Request) -> None:
             arrived = time.perf_counter()
             first = None
             produced = 0
             async with scope(request) as lora:
+                waits.append(time.perf_counter() - arrived)  # selection + lease (merge, load)
                 stream = self.engine.generate(
                     self.prompts[request.prompt], params, uuid.uuid4().hex, lora_request=lora
                 )
@@ -358,7 +360,6 @@ class Bench:
                         first = time.perf_counter() - arrived
                     produced += delta
                     sampler.tokens += delta
-            # a streaming client sees the first token at `first`; a unary one only the answer
             assert first is not None and produced == args.tokens, (first, produced)
             ttfts.append(first)
             latencies.append(time.perf_counter() - arrived)
@@ -380,6 +381,7 @@ class Bench:
             tokens=sampler.tokens,
             ttfts=ttfts,
             latencies=latencies,
+            waits=waits,
             shm_bytes_max=sampler.shm_bytes,
             resident_max=sampler.resident,
         )
@@ -490,8 +492,8 @@ def main() -> None:
         "--config", type=Path, help="server YAML config (engine, merge, adapters: as served)"
     )
     parser.add_argument("--tenants", type=int, nargs="+", default=[8, 64, 512])
-    parser.add_argument("--requests", type=int, default=48, help="requests per run")
-    parser.add_argument("--tokens", type=int, default=16, help="tokens per answer")
+    parser.add_argument("--requests", type=int, default=32, help="requests per run")
+    parser.add_argument("--tokens", type=int, default=12, help="tokens per answer")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     parser.add_argument("--rounds", type=int, default=2, help="runs per system, order alternating")
     parser.add_argument(
