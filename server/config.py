@@ -48,7 +48,9 @@ class EngineSettings(_Section):
         None, description="HF model directory; unset: the embedded SmolLM2-135M-Instruct."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Model weights and LoRA compute type."
+        "auto",
+        description="Model weights and LoRA compute type; auto: bfloat16 where the hardware "
+        "computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32.",
     )
     max_model_len: int = Field(2048, ge=16, description="Context length (prompt + output).")
     gpu_memory_utilization: float | None = Field(
