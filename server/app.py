@@ -37,11 +37,13 @@ from loramerge.v1 import (
     tenants_pb2_grpc,
 )
 
+from .auth import Authenticator, check_exposure
 from .config import Settings
 from .engine import EngineSlot, adapter_dtype, lora_request, open_engine
 from .errors import ConfigError, EngineUnavailableError
 from .inference import InferenceServicer
 from .interceptors import ServiceInterceptor
+from .limits import TenantLimiter
 from .logs import configure_logging
 from .merge_memory import MergeMemory
 from .merge_worker import MergeWorker
@@ -52,6 +54,7 @@ from .run_dir import create_run_dir, sweep_dead_runs
 from .selection import Selector
 from .servicers import AdaptersServicer, MergesServicer, TenantsServicer
 from .store import Store, open_store
+from .tls import server_credentials
 from .versions import LoraEngine, VersionBuilder
 
 logger = logging.getLogger("loramerge.server")
@@ -83,6 +86,7 @@ def resolve_assets(settings: Settings) -> tuple[Path, dict[str, Path]]:
 async def serve(settings: Settings) -> None:
     """Run the server until SIGTERM or SIGINT."""
     configure_logging(settings.log_level, settings.log_format)
+    check_exposure(settings)
     metrics = Metrics(settings.metrics)
     try:
         metrics_server, _ = serve_metrics(settings.metrics)
@@ -163,7 +167,9 @@ async def _serve_grpc(
     selector: Selector,
     residency: Residency,
 ) -> None:
-    server = grpc.aio.server(interceptors=[ServiceInterceptor(metrics)])
+    authenticator = Authenticator(store, settings.auth.enabled)
+    limiter = TenantLimiter(settings.limits)
+    server = grpc.aio.server(interceptors=[ServiceInterceptor(metrics, authenticator, limiter)])
     inference_pb2_grpc.add_InferenceServicer_to_server(
         InferenceServicer(
             slot,
@@ -178,7 +184,7 @@ async def _serve_grpc(
     merges_pb2_grpc.add_MergesServicer_to_server(MergesServicer(selector, residency), server)
     tenants_pb2_grpc.add_TenantsServicer_to_server(TenantsServicer(store, selector), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
-        AdaptersServicer(registry, residency, selector, settings.merge.device), server
+        AdaptersServicer(registry, residency, selector, settings.merge.device, store), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -189,11 +195,14 @@ async def _serve_grpc(
     )
     address = f"{settings.grpc.host}:{settings.grpc.port}"
     try:
-        server.add_insecure_port(address)
+        if settings.tls.enabled:
+            server.add_secure_port(address, server_credentials(settings.tls))
+        else:
+            server.add_insecure_port(address)
     except RuntimeError as err:
         raise ConfigError(f"cannot listen on {address}: {err}", "grpc.port") from None
     await server.start()
-    logger.info("gRPC listening", extra={"address": address})
+    logger.info("gRPC listening", extra={"address": address, "tls": settings.tls.enabled})
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -4,6 +4,7 @@ loramerge serve      run the gRPC server (real vLLM engine)
 loramerge prepare    convert the embedded model and train the default adapters (cached)
 loramerge merge      merge local adapters into a PEFT adapter directory, offline
 loramerge diagnose   interference diagnostics of local adapters
+loramerge keys       create, list and revoke API keys
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from loramerge.merge_engine import (
     save_adapter,
 )
 
+from . import keys_cli
 from .config import load_settings
 from .errors import ServerError
 
@@ -221,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = commands.add_parser("methods", help="list the merge methods and their parameters")
     methods.set_defaults(run=_methods)
+
+    keys_cli.add_parser(commands)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
@@ -25,6 +26,10 @@ from .selection import Selector
 DEFAULT_MAX_TOKENS = 64
 ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 16
+MAX_MESSAGES = 256
+BYTES_PER_TOKEN = 16  # a prompt longer than this many bytes per context token cannot fit
+MAX_TOP_K = 1 << 20
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -100,12 +105,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):  # type: ignore[m
         annotate(tenant=request.tenant_id, request_id=request_id)
         self._metrics.count_tenant(request.tenant_id)
         try:
-            prompt = self._prompt(request, engine, sampling.max_tokens)
+            self._check_prompt_size(request)
             selection = await self._selector.select(
                 request.tenant_id,
                 translate.preference_from_proto(request.preference, "preference"),
                 translate.merge_choice_from_proto(request.merge),
             )
+            # Tokenising (and the chat template) is CPU work: off the event loop, once the
+            # request is known to be valid otherwise.
+            prompt = await asyncio.to_thread(self._prompt, request, engine, sampling.max_tokens)
             async with AsyncExitStack() as stack:
                 adapter_id, lora = "", None
                 if selection is not None:
@@ -142,12 +150,30 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):  # type: ignore[m
             self._in_flight -= 1
             in_flight.dec()
 
+    def _check_prompt_size(self, request: inference_pb2.GenerateRequest) -> None:
+        """Bounds checked before any tokenising: exactly one of prompt and messages, at most
+        `MAX_MESSAGES` messages, and no more UTF-8 bytes than the context could hold."""
+        if bool(request.prompt) == bool(request.messages):
+            raise InvalidRequestError("prompt", "give exactly one of prompt and messages")
+        if len(request.messages) > MAX_MESSAGES:
+            raise InvalidRequestError(
+                "messages", f"at most {MAX_MESSAGES} messages, got {len(request.messages)}"
+            )
+        limit = BYTES_PER_TOKEN * self._max_model_len
+        field = "prompt" if request.prompt else "messages"
+        size = len(request.prompt.encode()) + sum(
+            len(m.content.encode()) + len(m.role) for m in request.messages
+        )
+        if size > limit:
+            raise InvalidRequestError(
+                field, f"{size} bytes cannot fit the {self._max_model_len}-token context "
+                f"(limit {limit} bytes)",
+            )  # fmt: skip
+
     def _prompt(
         self, request: inference_pb2.GenerateRequest, engine: Any, max_tokens: int
     ) -> dict[str, list[int]]:
         """Token ids of the prompt (raw text, or chat messages through the chat template)."""
-        if bool(request.prompt) == bool(request.messages):
-            raise InvalidRequestError("prompt", "give exactly one of prompt and messages")
         tokenizer = engine.get_tokenizer()
         field = "prompt"
         if request.prompt:
@@ -175,6 +201,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):  # type: ignore[m
         return {"prompt_token_ids": list(ids)}
 
     def _sampling(self, request: inference_pb2.GenerateRequest) -> Any:
+        from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         max_tokens = request.max_tokens if request.HasField("max_tokens") else DEFAULT_MAX_TOKENS
@@ -182,9 +209,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):  # type: ignore[m
             raise InvalidRequestError(
                 "max_tokens", f"must be in [1, {self._max_model_len}], got {max_tokens}"
             )
+        # The bounds are vLLM's own (SamplingParams._verify_args), checked before calling it.
         temperature = request.temperature if request.HasField("temperature") else 0.0
-        if not math.isfinite(temperature) or not 0 <= temperature <= 100:
-            raise InvalidRequestError("temperature", f"must be in [0, 100], got {temperature}")
+        if not math.isfinite(temperature) or not 0 <= temperature <= 2:
+            raise InvalidRequestError("temperature", f"must be in [0, 2], got {temperature}")
         top_p = request.top_p if request.HasField("top_p") else 1.0
         if not math.isfinite(top_p) or not 0 < top_p <= 1:
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {top_p}")
@@ -192,12 +220,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):  # type: ignore[m
             raise InvalidRequestError(
                 "stop", f"at most {MAX_STOP_STRINGS} non-empty strings of ≤ 256 characters"
             )
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=request.top_k or 0,
-            stop=list(request.stop) or None,
-            seed=request.seed if request.HasField("seed") else None,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        if request.top_k > MAX_TOP_K:
+            raise InvalidRequestError("top_k", f"must be ≤ {MAX_TOP_K}, got {request.top_k}")
+        if request.HasField("seed") and request.seed > MAX_SEED:
+            raise InvalidRequestError("seed", f"must be ≤ 2^63 - 1, got {request.seed}")
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=request.top_k or 0,
+                stop=list(request.stop) or None,
+                seed=request.seed if request.HasField("seed") else None,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except VLLMValidationError as err:  # a bound vLLM has and the checks above missed
+            raise InvalidRequestError(err.parameter or "request", str(err)) from None
