@@ -21,8 +21,8 @@ Then, at the largest T, loramerge alone with
 each `--steps` preference step. Results go to a JSON file (one entry per T, so points can be run
 one at a time with `--tenants 64`), from which the markdown tables and the plot are made.
 
-    .venv/bin/python benchmarks/tenant_scale.py [--tenants 8 64 512] [--requests 40]
-        [--tokens 12] [--concurrency 8] [--rounds 2] [--steps 0.01 0.05 0.1]
+    .venv/bin/python benchmarks/tenant_scale.py [--tenants 8 64 512] [--requests 24]
+        [--tokens 8] [--concurrency 8] [--rounds 2] [--steps 0.01 0.05 0.1]
 """
 
 from __future__ import annotations
@@ -492,8 +492,8 @@ def main() -> None:
         "--config", type=Path, help="server YAML config (engine, merge, adapters: as served)"
     )
     parser.add_argument("--tenants", type=int, nargs="+", default=[8, 64, 512])
-    parser.add_argument("--requests", type=int, default=40, help="requests per run")
-    parser.add_argument("--tokens", type=int, default=12, help="tokens per answer")
+    parser.add_argument("--requests", type=int, default=24, help="requests per run")
+    parser.add_argument("--tokens", type=int, default=8, help="tokens per answer")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     parser.add_argument("--rounds", type=int, default=2, help="runs per system, order alternating")
     parser.add_argument(
