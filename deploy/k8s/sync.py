@@ -36,7 +36,9 @@ def expected() -> dict[Path, str]:
 
 
 def main(argv: list[str]) -> int:
-    stale = [path for path, text in expected().items() if not path.exists() or path.read_text() != text]
+    stale = [
+        path for path, text in expected().items() if not path.exists() or path.read_text() != text
+    ]
     if "--check" in argv:
         for path in stale:
             print(f"{path.relative_to(DEPLOY.parent)} is stale: run `make k8s-config`")
