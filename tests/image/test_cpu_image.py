@@ -12,6 +12,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,15 +53,19 @@ def _host_paths(config: dict[str, str]) -> list[str]:
     paths = []
     for key in PIP_KEYS:
         for item in config.get(key, "").split():
-            path = item.removeprefix("file://")
-            if path.startswith("/") and os.path.exists(path):
-                paths.append(path)
+            path = Path(item.removeprefix("file://"))
+            if key.endswith("index-url") and path.name == "simple":
+                path = path.parent  # a file index links to files beside `simple/`
+            if path.is_absolute() and path.exists():
+                paths.append(str(path))
     return paths
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    work = tmp_path_factory.mktemp("image")
+def workdir() -> Iterator[Path]:
+    """A directory of our own (not pytest's numbered ones, which concurrent pytest sessions of
+    the same user may clean up during a build this long), removed at the end."""
+    work = Path(tempfile.mkdtemp(prefix="loramerge-image-", dir="/var/tmp"))
     yield work
     shutil.rmtree(work, ignore_errors=True)
 
@@ -80,9 +85,11 @@ def test_cpu_image_builds_and_its_test_stage_passes(workdir: Path) -> None:
         timings, "debootstrap",
     )  # fmt: skip
     base = "localhost/loramerge-test-base:bookworm"
-    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+    tar = subprocess.Popen(
+        ["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     _run([*podman, "import", "-", base], timings, "import", stdin=tar.stdout, env=env)
-    assert tar.wait() == 0
+    assert tar.wait() == 0, tar.stderr.read().decode()  # type: ignore[union-attr]
     shutil.rmtree(rootfs)
 
     config = _pip_config()

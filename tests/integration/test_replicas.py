@@ -20,8 +20,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import ServerProcess, free_port
-from loramerge.server.defaults import DefaultAssets
-from loramerge.v1 import inference_pb2, inference_pb2_grpc, tenants_pb2, tenants_pb2_grpc
+from loramerge.server.defaults.model import ensure_default_model
+from loramerge.v1 import (
+    inference_pb2,
+    inference_pb2_grpc,
+    merge_pb2,
+    tenants_pb2,
+    tenants_pb2_grpc,
+)
 from metric_names import VLLM_METRICS
 from pgserver import PostgresServer
 
@@ -33,13 +39,12 @@ CALLS_EACH = 3
 
 @pytest.fixture(scope="module")
 def replicas(
-    postgres: PostgresServer,
-    default_assets: DefaultAssets,
-    default_cache_dir: Path,
-    tmp_path_factory: pytest.TempPathFactory,
+    postgres: PostgresServer, default_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[ServerProcess]]:
-    """Two servers sharing one PostgreSQL database, started together (small KV caches: two
-    engines on one machine)."""
+    """Two servers sharing one PostgreSQL database, started together: the embedded base model
+    without adapters (routing and the store need none) and small KV caches (two engines on one
+    machine)."""
+    model = ensure_default_model(default_cache_dir, progress=print)
     url = postgres.create_database()
     servers = []
     for name in ("a", "b"):
@@ -48,8 +53,12 @@ def replicas(
                 tmp_path_factory.mktemp(f"replica-{name}"),
                 {
                     "cache_dir": str(default_cache_dir),
-                    "engine": {"max_model_len": 256, "gpu_memory_utilization": 0.05},
-                    "adapters": {"use_default_pool": True},
+                    "engine": {
+                        "model": str(model),
+                        "max_model_len": 256,
+                        "gpu_memory_utilization": 0.05,
+                    },
+                    "adapters": {"use_default_pool": False},
                     "metrics": {"tenant_labels": True},
                     "merge": {"export_dir": f"/dev/shm/loramerge-test-{uuid.uuid4().hex[:8]}"},
                     "store": {"url": url},
@@ -95,13 +104,15 @@ def test_replicas_see_each_others_tenant_changes(replicas: list[ServerProcess]) 
         # b updates under a precondition that only holds if it read a's write
         b.SetTenant(
             tenants_pb2.SetTenantRequest(
-                tenant=tenants_pb2.Tenant(tenant_id="shared", preference={"add": 1.0}),
+                tenant=tenants_pb2.Tenant(
+                    tenant_id="shared", merge=merge_pb2.MergeOptions(method="ties")
+                ),
                 expected_version=1,
             ),
             timeout=30,
         )
         seen = a.GetTenant(tenants_pb2.GetTenantRequest(tenant_id="shared")).tenant
-        assert (seen.version, dict(seen.preference)) == (2, {"add": 1.0})
+        assert (seen.version, seen.merge.method) == (2, "ties")
         with pytest.raises(grpc.RpcError) as stale:
             a.SetTenant(
                 tenants_pb2.SetTenantRequest(
