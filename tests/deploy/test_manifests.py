@@ -25,17 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ("cpu", "gpu", "multi-replica", "gpu-multi")
 KUBERNETES_VERSION = "1.37.0"
-# Metrics agreed with helper "core" (OWNERSHIP.md) that its branch adds; until it is merged
-# they may be missing here. Delete this set once they are on main.
-PENDING_CORE_METRICS = frozenset(
-    {
-        "loramerge_requests_in_flight",
-        "loramerge_merge_queue_depth",
-        "loramerge_merge_memory_bytes",
-        "loramerge_resident_adapters_capacity",
-        "loramerge_export_dir_bytes",
-    }
-)
 
 
 def _tool(name: str) -> str:
@@ -285,12 +274,7 @@ def test_every_metric_deploy_queries_is_exported() -> None:
         unknown = names - exported - recorded
         if unknown:
             missing[where] = unknown
-    pending = set().union(*missing.values()) & PENDING_CORE_METRICS if missing else set()
-    assert {
-        w: n - PENDING_CORE_METRICS for w, n in missing.items() if n - PENDING_CORE_METRICS
-    } == {}
-    if pending:
-        pytest.skip(f"waiting for helper core's metrics: {sorted(pending)}")
+    assert missing == {}
 
 
 def test_entrypoint_arguments_are_accepted_by_our_cli() -> None:
