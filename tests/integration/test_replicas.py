@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness import ServerProcess, free_port
 from loramerge.server.defaults.model import ensure_default_model
+from loramerge.server.healthcheck import main as healthcheck
 from loramerge.v1 import (
     inference_pb2,
     inference_pb2_grpc,
@@ -242,3 +243,11 @@ def test_the_vllm_metrics_deploy_queries_exist(replicas: list[ServerProcess]) ->
     text = urllib.request.urlopen(replicas[0].metrics_url, timeout=10).read().decode()
     names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     assert names >= VLLM_METRICS, sorted(VLLM_METRICS - names)
+
+
+def test_the_image_healthcheck_follows_grpc_health(replicas: list[ServerProcess]) -> None:
+    """The Dockerfile's HEALTHCHECK command: healthy when the server is SERVING, not when
+    nothing listens."""
+    assert healthcheck([replicas[0].address]) == 0
+    assert healthcheck([replicas[0].address, "loramerge.v1.Inference"]) == 0
+    assert healthcheck([f"127.0.0.1:{free_port()}"]) == 1
