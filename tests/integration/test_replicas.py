@@ -64,6 +64,8 @@ def replicas(
                     "merge": {"export_dir": f"/dev/shm/loramerge-test-{uuid.uuid4().hex[:8]}"},
                     "store": {"url": url},
                 },
+                # two engines starting at once on a small shared machine
+                start_timeout=900,
             )
         )
     errors: list[BaseException] = []
