@@ -126,8 +126,8 @@ def test_cpu_image_builds_and_its_test_stage_passes(workdir: Path) -> None:
             assert not (site / absent).exists(), absent
         assert not (mounted / "usr/bin/gcc").exists()
         help_text = _run(
-            ["chroot", "--userspec=10001:10001", str(mounted), "/opt/loramerge/bin/loramerge",
-             "--help"],
+            [shutil.which("chroot") or "/usr/sbin/chroot", "--userspec=10001:10001",
+             str(mounted), "/opt/loramerge/bin/loramerge", "--help"],
             timings, "chroot",
             env={"PATH": "/opt/loramerge/bin:/usr/bin:/bin", "HOME": "/var/lib/loramerge"},
         )  # fmt: skip
