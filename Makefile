@@ -20,9 +20,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(STAMP) $(STUBS)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@# The client package (its own distribution; the CLI's remote commands use it) comes first:
+	@# loramerge[server] depends on it. Editable: its stubs are generated in place from proto/.
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ./clients/python
 	@echo "installing loramerge with the $(DEVICE) vLLM build into $(VENV) ..."
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(DEVICE),prepare,dev]"
 ifeq ($(DEVICE),cpu)
@@ -40,6 +43,7 @@ proto: $(STUBS)
 $(STUBS): $(PROTOS) $(STAMP)
 	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
 		--grpc_python_out=proto $(PROTOS)
+	$(PY) clients/python/build_stubs.py  # the client's copy (loramerge_client.v1)
 	@touch $@
 
 prepare: install
@@ -68,7 +72,7 @@ image-deps:
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy merge_engine
+	$(VENV)/bin/mypy merge_engine clients/python/loramerge_client
 
 unit: install
 	$(VENV)/bin/pytest tests/unit

@@ -64,7 +64,7 @@ def generate_answers(
 
 
 def load_model(
-    model_dir: Path, adapter_dir: Path | None, dtype: torch.dtype = torch.bfloat16
+    model_dir: Path, adapter_dir: Path | None, dtype: torch.dtype = torch.float32
 ) -> LlamaForCausalLM:
     """The model in `model_dir` (in `dtype`) with the PEFT adapter in `adapter_dir` (if any)
     merged into its weights, ready for inference."""
