@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from loramerge.server.app import SERVICES
+from loramerge.server.auth import check_exposure
 from loramerge.server.cli import build_parser
 from loramerge.server.config import Settings, load_settings
 from metric_names import exported_metrics, names_in
@@ -92,6 +93,7 @@ def test_ports_probes_and_settings_agree_with_the_server(
         expected["http"] = settings.http.port  # type: ignore[attr-defined]
     assert {name: ports[name] for name in expected} == expected
     assert settings.grpc.host == settings.metrics.host == "0.0.0.0"
+    check_exposure(settings)  # the server's own start check: remote listeners need auth
 
     service = _one(docs, "Service", "loramerge")["spec"]["ports"]
     for port in service:

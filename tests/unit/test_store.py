@@ -10,13 +10,13 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from loramerge.server.domain import MergeChoice
+from loramerge.server.domain import ApiKey, MergeChoice
 from loramerge.server.errors import (
     AlreadyExistsError,
     ConfigError,
@@ -362,3 +362,22 @@ def test_open_store_refuses_other_urls(spec: str) -> None:
     if spec.startswith("mysql"):
         assert "sqlite:///" in str(refused.value)
         assert "postgresql://" in str(refused.value)
+
+
+def test_api_keys_are_stored_listed_and_revoked(store: SqlStore) -> None:
+    """The API-key methods share the SQL too: replicas on PostgreSQL see the same keys."""
+    created = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    admin = ApiKey("k-admin", "hash-a", "admin", None, False, created, None)
+    tenant = ApiKey("k-acme", "hash-b", "tenant", "acme", True, created, None)
+    store.add_api_key(admin)
+    store.add_api_key(tenant)
+    with pytest.raises(AlreadyExistsError):
+        store.add_api_key(admin)
+    assert store.get_api_key("k-acme") == tenant
+    assert store.get_api_key("nobody") is None
+    assert [k.key_id for k in store.list_api_keys()] == ["k-acme", "k-admin"]
+    revoked = store.revoke_api_key("k-acme")
+    assert revoked.revoked_at is not None
+    assert store.get_api_key("k-acme") == revoked
+    with pytest.raises(NotFoundError):
+        store.revoke_api_key("nobody")
