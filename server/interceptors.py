@@ -33,6 +33,7 @@ from loramerge import merge_engine as me
 from loramerge.v1 import merges_pb2
 
 from . import auth, errors
+from .accounting import record_request
 from .limits import Admission, TenantLimiter
 from .logs import annotate, begin_request
 from .metrics import Metrics
@@ -102,6 +103,7 @@ STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (errors.OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (errors.StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
 
 
@@ -189,12 +191,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self, rpc: str, code: grpc.StatusCode, start: float, fields: dict[str, Any]
     ) -> None:
         seconds = time.perf_counter() - start
-        self._metrics.requests.labels(rpc=rpc, code=code.name).inc()
-        self._metrics.request_duration.labels(rpc=rpc).observe(seconds)
-        if not rpc.startswith("Health."):
-            logger.info(
-                "rpc", extra={"rpc": rpc, "code": code.name, "seconds": round(seconds, 4), **fields}
-            )
+        record_request(self._metrics, "grpc", rpc, code.name, seconds, fields)
 
     @asynccontextmanager
     async def _scope(self, rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:

@@ -84,13 +84,20 @@ class ServerProcess:
     settings: dict[str, object]
     grpc_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     api_key: str | None = None  # sent by `channel()` and the start-up probe
     startup: list[tuple[float, str]] = field(default_factory=list)  # (seconds, observation)
+    start_timeout: float = START_TIMEOUT  # seconds until every service must be SERVING
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible endpoint (…/v1)."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     @property
     def metrics_url(self) -> str:
@@ -104,6 +111,7 @@ class ServerProcess:
         config = dict(self.settings)
         config["grpc"] = {**dict(config.get("grpc", {})), "port": self.grpc_port}  # type: ignore[arg-type]
         config["metrics"] = {**dict(config.get("metrics", {})), "port": self.metrics_port}  # type: ignore[arg-type]
+        config["http"] = {**dict(config.get("http", {})), "port": self.http_port}  # type: ignore[arg-type]
         path = self.workdir / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         return path
@@ -136,7 +144,7 @@ class ServerProcess:
                 request_serializer=inference_pb2.GenerateRequest.SerializeToString,
                 response_deserializer=inference_pb2.GenerateResponse.FromString,
             )
-            while time.monotonic() - began < START_TIMEOUT:
+            while time.monotonic() - began < self.start_timeout:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"server exited early; log:\n{self.log_tail()}")
                 try:
@@ -157,7 +165,9 @@ class ServerProcess:
                 except grpc.RpcError as error:
                     self.startup.append((seconds, f"Generate {error.code().name}"))
                 time.sleep(1)
-        raise RuntimeError(f"server not SERVING after {START_TIMEOUT} s; log:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"server not SERVING after {self.start_timeout} s; log:\n{self.log_tail()}"
+        )
 
     def stop(self) -> int:
         """SIGTERM, then wait; returns the exit code."""
