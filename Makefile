@@ -94,7 +94,7 @@ k8s-config:
 bench: install
 	$(PY) benchmarks/hotswap.py
 
-# Tenants 8 → 64 → 512 against plain vLLM and the base model (~30 min on 2 busy CPU cores);
+# Tenants 8 → 64 → 512 against plain vLLM and the base model (~20 min on 2 busy CPU cores);
 # one point alone: make bench-scale ARGS="--tenants 64 --steps"
 bench-scale: install
 	$(PY) benchmarks/tenant_scale.py $(ARGS)
