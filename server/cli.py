@@ -30,6 +30,7 @@ from loramerge.merge_engine import (
     pool_diagnostics,
     save_adapter,
 )
+from loramerge.merge_engine.methods.parameters import PARAMETERS
 
 from .config import load_settings
 from .errors import ServerError
@@ -166,6 +167,9 @@ def _methods(args: argparse.Namespace) -> int:
         defaults = {f.name: f.default for f in fields(method.params_type)}
         print(f"{name:16} {method.summary}")
         print(f"{'':16} {kind}; parameters (None = published default): {defaults}")
+    print("\nparameters:")
+    for name, meaning in PARAMETERS.items():
+        print(f"  {name:14} {meaning}")
     return 0
 
 
