@@ -15,7 +15,7 @@ STUBS := proto/loramerge/v1/.generated
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install proto serve prepare test lint unit integration bench clean system-deps
+.PHONY: install proto serve prepare test lint unit integration bench clean system-deps quality
 
 install: $(STAMP) $(STUBS)
 
@@ -70,6 +70,16 @@ test: lint system-deps
 
 bench: install
 	$(PY) benchmarks/hotswap.py
+
+# The merge-quality table (docs/quality.md + docs/quality.png): distil a merge, then score every
+# method, the tuned adapter, the base model and each adapter. Cached per variant: reruns are
+# incremental. Not part of `make test` (tens of CPU minutes).
+QUALITY_DIR ?= $(HOME)/.cache/loramerge/quality
+quality: install
+	$(VENV)/bin/loramerge tune --task-prompts 64 --method ta --steps 150 \
+		--out $(QUALITY_DIR)/tuned/distill-ta
+	$(VENV)/bin/loramerge eval --n 100 --validation-n 40 --results $(QUALITY_DIR)/results \
+		--tuned "ta + distill=$(QUALITY_DIR)/tuned/distill-ta" --json $(QUALITY_DIR)/table.json
 
 clean:
 	rm -rf $(VENV) proto/loramerge/v1/*_pb2*.py* $(STUBS)

@@ -4,6 +4,8 @@ loramerge serve      run the gRPC server (real vLLM engine)
 loramerge prepare    convert the embedded model and train the default adapters (cached)
 loramerge merge      merge local adapters into a PEFT adapter directory, offline
 loramerge diagnose   interference diagnostics of local adapters
+loramerge eval       measure merge quality on the default tasks (docs/quality.md)
+loramerge tune       merge, then distill the merge on unlabeled prompts
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from loramerge.merge_engine import (
 )
 from loramerge.merge_engine.methods.parameters import PARAMETERS
 
+from . import quality_cli
 from .config import load_settings
 from .errors import ServerError
 
@@ -145,7 +148,12 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _diagnose(args: argparse.Namespace) -> int:
     pool = _pool(args)
-    output: dict[str, Any] = {"pool": asdict(pool_diagnostics(pool))}
+    diagnostics = pool_diagnostics(pool)
+    output: dict[str, Any] = {"pool": asdict(diagnostics)}
+    if args.plot is not None:
+        from .diagnostics_plot import write_plots
+
+        output["plots"] = [str(path) for path in write_plots(diagnostics, args.plot)]
     if not args.per_module:
         output["pool"].pop("modules")
     if args.preference:
@@ -221,10 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose = commands.add_parser("diagnose", help="interference diagnostics of adapters")
     _add_merge_options(diagnose)
     diagnose.add_argument("--per-module", action="store_true", help="include every module")
+    diagnose.add_argument("--plot", type=Path, metavar="DIR", help="draw the Pico §3 figures")
     diagnose.set_defaults(run=_diagnose)
 
     methods = commands.add_parser("methods", help="list the merge methods and their parameters")
     methods.set_defaults(run=_methods)
+    quality_cli.add_parser(commands)
     return parser
 
 
