@@ -29,10 +29,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from loramerge.merge_engine import AdapterPool, MergeSpec, merge, save_adapter
+from loramerge.server.app import build_residency
 from loramerge.server.config import load_settings
 from loramerge.server.engine import adapter_dtype, lora_request, open_engine, quiet_vllm
 from loramerge.server.metrics import Metrics
-from loramerge.server.versions import MergedVersions
+from loramerge.server.residency import Residency
+from loramerge.server.selection import Selection
 
 PROMPT = "Write the date 12 March 1987 as DD/MM/YY."
 
@@ -156,24 +158,14 @@ class Bench:
         )
         self.prompt = {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
-    def versions(self) -> MergedVersions:
-        merge_settings = self.settings.merge
-        return MergedVersions(
-            self.engine,
-            lora_request,
-            Metrics(self.settings.metrics, CollectorRegistry()),
-            capacity=self.settings.engine.resident_adapters,
-            export_dir=self.shm,
-            export_dtype=adapter_dtype(self.settings.engine),
-            preference_step=merge_settings.preference_step,
-            device=merge_settings.device,
-            dtype=merge_settings.dtype,
-            max_concurrent_merges=1,
-            calibration_cache_size=merge_settings.calibration_cache_size,
-        )
+    def versions(self) -> Residency:
+        metrics = Metrics(self.settings.metrics, CollectorRegistry())
+        residency = build_residency(self.settings, self.engine, metrics, self.shm)
+        residency.start()
+        return residency
 
-    def lease(self, versions: MergedVersions, preference: dict[str, float]) -> Any:
-        return versions.lease(self.pool, self.spec, _rho(self.pool, preference))
+    def lease(self, versions: Residency, preference: dict[str, float]) -> Any:
+        return versions.lease(Selection(self.pool, self.spec, _rho(self.pool, preference), None))
 
     def plain_adapter(self, preference: dict[str, float]) -> Any:
         """The same merged adapter, written to disk ahead of time (not timed)."""

@@ -67,6 +67,7 @@ class InvalidParameterError(InvalidArgumentError):
 class ExportError(MergeEngineError):
     """A merged adapter could not be written."""
 
-    def __init__(self, message: str, *, path: Path | str) -> None:
+    def __init__(self, message: str, *, path: Path | str, errno: int | None = None) -> None:
         self.path = Path(path)
+        self.errno = errno  # the OS error number when the file system refused (e.g. ENOSPC)
         super().__init__(f"{self.path}: {message}")

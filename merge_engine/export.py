@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .adapter import CONFIG_FILE, WEIGHTS_FILE
 from .errors import ExportError
@@ -77,11 +77,18 @@ def save_adapter(
             "pico": str(result.report.pico),
             "rank": str(result.rank),
         }
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt", **provenance})
+        # Serialised in memory, written by Python: a full disk is an OSError with its errno
+        # (safetensors' own file writer raises its own error type instead).
+        data = save(tensors, metadata={"format": "pt", **provenance})
+        (staging / WEIGHTS_FILE).write_bytes(data)
         config = json.dumps(peft_config(result, base_model), indent=2)
         (staging / CONFIG_FILE).write_text(config + "\n")
         os.rename(staging, target)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
-        raise ExportError(f"cannot write the adapter: {err}", path=target) from None
+        if not isinstance(err, OSError):
+            raise
+        raise ExportError(
+            f"cannot write the adapter: {err}", path=target, errno=err.errno
+        ) from None
     return target

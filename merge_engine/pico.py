@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .linalg import tall_svd
-from .pool import AdapterPool
+from .pool import AdapterPool, tensor_bytes
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,10 @@ class Calibration:
     sharing: torch.Tensor  # c: [G, q], share of the joint B energy per component
     coefficients: torch.Tensor  # a: [G, q], 1 / (1 + (n − 1) c)
     lora_b: tuple[torch.Tensor, ...]  # calibrated B_t': [G, out, r_t] per merged adapter
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.basis, self.sharing, self.coefficients, *self.lora_b)
 
 
 def calibrate(lora_b: Sequence[torch.Tensor]) -> Calibration:
@@ -55,7 +59,8 @@ def compensation(norm: torch.Tensor, target_norm: torch.Tensor) -> torch.Tensor:
 
 
 class CalibrationCache:
-    """LRU cache of Pico calibrations with hit and miss counts (thread-safe)."""
+    """LRU cache of Pico calibrations with hit and miss counts (thread-safe), bounded by entries
+    and accounted in bytes (`nbytes`; `shrink_to` evicts least recently used entries)."""
 
     def __init__(self, max_entries: int = 64) -> None:
         if max_entries < 1:
@@ -64,10 +69,31 @@ class CalibrationCache:
         self.hits = 0
         self.misses = 0
         self._entries: OrderedDict[tuple[object, ...], tuple[Calibration, ...]] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by every cached calibration."""
+        return self._bytes
+
+    def shrink_to(self, max_bytes: int) -> int:
+        """Evict least recently used entries until at most `max_bytes` are held; returns the
+        bytes released."""
+        freed = 0
+        with self._lock:
+            while self._entries and self._bytes > max_bytes:
+                freed += self._pop_oldest()
+        return freed
+
+    def _pop_oldest(self) -> int:
+        _, value = self._entries.popitem(last=False)
+        size = sum(c.nbytes for c in value)
+        self._bytes -= size
+        return size
 
     def get(
         self,
@@ -92,8 +118,10 @@ class CalibrationCache:
         groups = pool.groups(device, dtype)
         value = tuple(calibrate([group.lora_b[i] for i in active]) for group in groups)
         with self._lock:
-            self._entries[key] = value
+            if key not in self._entries:
+                self._entries[key] = value
+                self._bytes += sum(c.nbytes for c in value)
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-        return value, False
+                self._pop_oldest()
+        return self._entries.get(key, value), False

@@ -48,6 +48,16 @@ class ModuleGroup:
     def in_features(self) -> int:
         return int(self.lora_a[0].shape[2])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor held (the stacks, scaled A factors, scales and norms)."""
+        return tensor_bytes(*self.lora_b, *self.lora_a, *self.scaled_a, self.scales, self.norms)
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    """Bytes of the tensors' elements (what they hold on their device)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
 
 def _natural_key(text: str) -> list[tuple[int, int | str]]:
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text)]
@@ -111,6 +121,21 @@ class AdapterPool:
             if key not in self._groups:
                 self._groups[key] = self._stack(device, dtype)
             return self._groups[key]
+
+    def cached_bytes(self) -> int:
+        """Bytes held by the cached stacks, every (device, dtype) together."""
+        with self._lock:
+            return sum(g.nbytes for groups in self._groups.values() for g in groups)
+
+    def drop_groups(self, keep: tuple[torch.device, torch.dtype] | None = None) -> int:
+        """Forget the cached stacks (except those for `keep`); returns the bytes released."""
+        kept = (str(keep[0]), keep[1]) if keep is not None else None
+        with self._lock:
+            dropped = [key for key in self._groups if key != kept]
+            freed = sum(g.nbytes for key in dropped for g in self._groups[key])
+            for key in dropped:
+                del self._groups[key]
+        return freed
 
     def _stack(self, device: torch.device, dtype: torch.dtype) -> tuple[ModuleGroup, ...]:
         buckets: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}

@@ -1,15 +1,22 @@
 """The server process: wiring, start-up order, health, graceful shutdown.
 
 Start-up: metrics endpoint → store → default model and adapters (prepared once, cached) →
-adapter pool → gRPC server (Tenants and Adapters SERVING, Inference and Merges NOT_SERVING) →
-vLLM engine → everything SERVING. SIGTERM/SIGINT: NOT_SERVING, drain for `grace_seconds`,
-stop the engine, remove merged versions.
+adapter pool → run directory (the directories of dead runs swept) → gRPC server (Tenants and
+Adapters SERVING, Inference and Merges NOT_SERVING) → vLLM engine → everything SERVING → pool
+warm-up on the merge device (after vLLM has taken its memory).
+
+SIGTERM/SIGINT: NOT_SERVING, stop accepting, drain in-flight requests for `grace_seconds`, stop
+the engine, delete this run's directory, exit 0 — also when the signal went to the whole process
+group and the engine core died with it (nothing then waits on the dead engine). The engine dying
+on its own: NOT_SERVING, requests UNAVAILABLE, the run directory deleted and a non-zero exit
+within seconds, so the supervisor (Kubernetes) restarts the process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from loramerge.merge_engine import CalibrationCache, resolve_device, resolve_dtype
 from loramerge.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
@@ -31,16 +39,20 @@ from loramerge.v1 import (
 
 from .config import Settings
 from .engine import EngineSlot, adapter_dtype, lora_request, open_engine
-from .errors import ConfigError
+from .errors import ConfigError, EngineUnavailableError
 from .inference import InferenceServicer
 from .interceptors import ServiceInterceptor
 from .logs import configure_logging
+from .merge_memory import MergeMemory
+from .merge_worker import MergeWorker
 from .metrics import Metrics, serve_metrics
 from .registry import AdapterRegistry
+from .residency import Residency
+from .run_dir import create_run_dir, sweep_dead_runs
 from .selection import Selector
 from .servicers import AdaptersServicer, MergesServicer, TenantsServicer
 from .store import Store, open_store
-from .versions import MergedVersions
+from .versions import LoraEngine, VersionBuilder
 
 logger = logging.getLogger("loramerge.server")
 
@@ -51,6 +63,7 @@ SERVICES = {
     "adapters": adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
 }
 NEED_ENGINE = ("", SERVICES["inference"], SERVICES["merges"])
+ENGINE_POLL_SECONDS = 1.0
 
 
 def resolve_assets(settings: Settings) -> tuple[Path, dict[str, Path]]:
@@ -89,43 +102,83 @@ async def serve(settings: Settings) -> None:
         metrics_server.shutdown()
 
 
+def build_residency(
+    settings: Settings, engine: LoraEngine, metrics: Metrics, run_dir: Path
+) -> Residency:
+    """The serving core: merge memory → merge worker → version builder → residency."""
+    merge = settings.merge
+    device = resolve_device(merge.device)
+    memory = MergeMemory(
+        CalibrationCache(merge.calibration_cache_size),
+        metrics,
+        device=device,
+        dtype=resolve_dtype(merge.dtype),
+        budget=merge.memory_budget_bytes,
+    )
+    worker = MergeWorker(
+        memory, metrics, threads=merge.max_concurrent_merges, queue=merge.max_queued_merges
+    )
+    builder = VersionBuilder(
+        engine,
+        lora_request,
+        worker,
+        metrics,
+        run_dir=run_dir,
+        export_dtype=adapter_dtype(settings.engine),
+        device=merge.device,
+        dtype=merge.dtype,
+    )
+    return Residency(
+        engine,
+        builder,
+        metrics,
+        capacity=min(merge.cache_size, settings.engine.resident_adapters),
+        preference_step=merge.preference_step,
+    )
+
+
 async def _run(
     settings: Settings, metrics: Metrics, store: Store, registry: AdapterRegistry, model: Path
 ) -> None:
     slot = EngineSlot()
     selector = Selector(settings, store, registry)
     merge = settings.merge
-    versions = MergedVersions(
-        slot,
-        lora_request,
-        metrics,
-        capacity=min(merge.cache_size, settings.engine.resident_adapters),
-        export_dir=merge.export_dir,
-        export_dtype=adapter_dtype(settings.engine),
-        preference_step=merge.preference_step,
-        device=merge.device,
-        dtype=merge.dtype,
-        max_concurrent_merges=merge.max_concurrent_merges,
-        calibration_cache_size=merge.calibration_cache_size,
-    )
-    await versions.pool_changed(registry.pool)
+    await asyncio.to_thread(sweep_dead_runs, merge.export_dir)
+    run_dir = await asyncio.to_thread(create_run_dir, merge.export_dir)
+    try:
+        residency = build_residency(settings, slot, metrics, run_dir)
+        await residency.pool_changed(registry.pool)
+        await _serve_grpc(settings, metrics, store, registry, model, slot, selector, residency)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, run_dir, True)
 
+
+async def _serve_grpc(
+    settings: Settings,
+    metrics: Metrics,
+    store: Store,
+    registry: AdapterRegistry,
+    model: Path,
+    slot: EngineSlot,
+    selector: Selector,
+    residency: Residency,
+) -> None:
     server = grpc.aio.server(interceptors=[ServiceInterceptor(metrics)])
     inference_pb2_grpc.add_InferenceServicer_to_server(
         InferenceServicer(
             slot,
             selector,
-            versions,
+            residency,
             metrics,
             max_model_len=settings.engine.max_model_len,
             max_concurrent=settings.grpc.max_concurrent_requests,
         ),
         server,
     )
-    merges_pb2_grpc.add_MergesServicer_to_server(MergesServicer(selector, versions), server)
+    merges_pb2_grpc.add_MergesServicer_to_server(MergesServicer(selector, residency), server)
     tenants_pb2_grpc.add_TenantsServicer_to_server(TenantsServicer(store, selector), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
-        AdaptersServicer(registry, versions, selector, merge.device), server
+        AdaptersServicer(registry, residency, selector, settings.merge.device), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -144,34 +197,47 @@ async def _run(
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        slot.stop()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
+    died = False
     try:
         async with open_engine(settings.engine, model) as engine:
             slot.set(engine)
+            residency.start()
             await _report(health_servicer, NEED_ENGINE, True)
             logger.info("serving", extra={"model": str(model), "adapters": _names(registry)})
-            await _watch(stop, slot, health_servicer)
+            warm_up = asyncio.create_task(residency.engine_started(registry.pool))
+            died = await _watch(stop, slot)
+            grace = settings.grpc.grace_seconds
             await _report(health_servicer, ("", *SERVICES.values()), False)
-            await server.stop(settings.grpc.grace_seconds)
-            await versions.close()
+            await server.stop(min(grace, 1.0) if died else grace)
+            warm_up.cancel()
+            await residency.close()
             slot.clear()
     finally:
         await server.stop(0)
+    if died:
+        raise EngineUnavailableError(
+            "the vLLM engine died; exiting so that the supervisor restarts the server"
+        )
 
 
-async def _watch(
-    stop: asyncio.Event, slot: EngineSlot, health_servicer: health.aio.HealthServicer
-) -> None:
-    """Wait for a stop signal; report NOT_SERVING (once) if the engine dies meanwhile."""
+async def _watch(stop: asyncio.Event, slot: EngineSlot) -> bool:
+    """Wait for a stop signal or the engine's death; True if the engine died first."""
     while not stop.is_set():
         try:
-            await asyncio.wait_for(stop.wait(), timeout=5)
+            await asyncio.wait_for(stop.wait(), timeout=ENGINE_POLL_SECONDS)
         except TimeoutError:
             if not slot.ready:
-                logger.error("the vLLM engine has stopped; reporting NOT_SERVING")
-                await _report(health_servicer, NEED_ENGINE, False)
-                await stop.wait()
+                logger.error("the vLLM engine has stopped; shutting down")
+                return True
+    logger.info("stop signal received; draining")
+    return False
 
 
 async def _report(

@@ -48,7 +48,9 @@ class EngineSettings(_Section):
         None, description="HF model directory; unset: the embedded SmolLM2-135M-Instruct."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Model weights and LoRA compute type."
+        "auto",
+        description="Model weights and LoRA compute type; auto: bfloat16 where the hardware "
+        "computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32.",
     )
     max_model_len: int = Field(2048, ge=16, description="Context length (prompt + output).")
     gpu_memory_utilization: float | None = Field(
@@ -120,7 +122,19 @@ class MergeSettings(_Section):
     hot_tenants: list[str] = Field(
         default_factory=list, description="Tenants whose merged version is never evicted."
     )
-    max_concurrent_merges: int = Field(2, ge=1, description="Merges running at once.")
+    max_concurrent_merges: int = Field(
+        2, ge=1, description="Merge jobs (merges, diagnostics) running at once."
+    )
+    max_queued_merges: int = Field(
+        16, ge=0, description="Merge jobs waiting for a worker; more get RESOURCE_EXHAUSTED."
+    )
+    memory_budget_bytes: int | None = Field(
+        None,
+        ge=1 << 20,
+        description="Bytes the merge side may keep cached on the merge device (calibrations, "
+        "stacked factors). Unset: 80% of what is free on the GPU once vLLM has started; on "
+        "the CPU 25% of the available memory, at most 8 GiB.",
+    )
 
 
 class StoreSettings(_Section):

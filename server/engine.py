@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ def engine_args(settings: EngineSettings, model: Path) -> Any:
     return AsyncEngineArgs(
         model=str(model),
         tokenizer=str(model),
-        dtype=settings.dtype,
+        dtype=model_dtype(settings),
         max_model_len=settings.max_model_len,
         **memory,
         enable_lora=True,
@@ -83,7 +83,14 @@ async def open_engine(settings: EngineSettings, model: Path) -> AsyncIterator[An
     try:
         yield engine
     finally:
-        # shutdown() is synchronous and force-kills the engine core after the timeout.
+        # The output handler task would see the engine core exit and log it as a failure with
+        # a traceback: stop it first. shutdown() is synchronous and force-kills the engine
+        # core after the timeout.
+        handler = getattr(engine, "output_handler", None)
+        if handler is not None:
+            handler.cancel()
+            with suppress(asyncio.CancelledError, Exception):
+                await handler
         await asyncio.to_thread(engine.shutdown, SHUTDOWN_TIMEOUT)
         # AsyncLLM.__del__ shuts down again; at interpreter exit that fails noisily (its module
         # globals are gone). It is done already: make the second call a no-op.
@@ -91,9 +98,27 @@ async def open_engine(settings: EngineSettings, model: Path) -> AsyncIterator[An
         logger.info("vLLM engine stopped")
 
 
+def native_bfloat16() -> bool:
+    """Whether this machine computes in bfloat16 natively: a CUDA GPU with bf16, or a CPU with
+    AVX512-BF16 or AMX. Without it (e.g. an AVX2-only CPU) bf16 matrix products take slow
+    emulated paths (measured: 10–50× slower than float32 for prefill-sized products)."""
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def model_dtype(settings: EngineSettings) -> str:
+    """The engine's precision: as configured, or for "auto" bfloat16 where the hardware computes
+    it natively and float32 elsewhere."""
+    if settings.dtype != "auto":
+        return settings.dtype
+    return "bfloat16" if native_bfloat16() else "float32"
+
+
 def adapter_dtype(settings: EngineSettings) -> torch.dtype:
-    """The precision merged adapters are written in: the model's ("auto": bfloat16)."""
-    return getattr(torch, settings.dtype) if settings.dtype != "auto" else torch.bfloat16
+    """The precision merged adapters are written in: the model's."""
+    dtype: torch.dtype = getattr(torch, model_dtype(settings))
+    return dtype
 
 
 def lora_request(name: str, lora_id: int, path: str) -> Any:
@@ -103,18 +128,44 @@ def lora_request(name: str, lora_id: int, path: str) -> Any:
     return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path)
 
 
+class _ExitWhileStopping(logging.Filter):
+    """A signal to the whole process group (Ctrl-C, a supervisor) stops vLLM's engine core
+    while the server is stopping too; vLLM's output handler then logs the core's exit as a
+    failure with a traceback. While stopping, that is expected: one INFO line instead."""
+
+    def __init__(self, slot: EngineSlot) -> None:
+        super().__init__()
+        self._slot = slot
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._slot.stopping and record.exc_info is not None:
+            record.msg, record.args, record.exc_info = "engine core exited while stopping", (), None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 class EngineSlot:
     """The engine once it is up. Before that, and after it fails, every use raises
     `EngineUnavailableError` (UNAVAILABLE), so the gRPC server can start first."""
 
+    VLLM_LOGGER = "vllm.v1.engine.async_llm"
+
     def __init__(self) -> None:
         self._engine: Any = None
+        self.stopping = False
+        self._quiet = _ExitWhileStopping(self)
 
     def set(self, engine: Any) -> None:
         self._engine = engine
+        logging.getLogger(self.VLLM_LOGGER).addFilter(self._quiet)
+
+    def stop(self) -> None:
+        """The server is stopping: the engine core may exit before it is shut down."""
+        self.stopping = True
 
     def clear(self) -> None:
         self._engine = None
+        logging.getLogger(self.VLLM_LOGGER).removeFilter(self._quiet)
 
     @property
     def ready(self) -> bool:

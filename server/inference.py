@@ -19,8 +19,8 @@ from .engine import EngineSlot
 from .errors import EngineUnavailableError, InvalidRequestError, OverloadedError
 from .logs import annotate
 from .metrics import Metrics
+from .residency import Residency
 from .selection import Selector
-from .versions import MergedVersions
 
 DEFAULT_MAX_TOKENS = 64
 ROLES = ("system", "user", "assistant")
@@ -41,7 +41,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):  # type: ignore[m
         self,
         engine: EngineSlot,
         selector: Selector,
-        versions: MergedVersions,
+        residency: Residency,
         metrics: Metrics,
         *,
         max_model_len: int,
@@ -49,7 +49,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):  # type: ignore[m
     ) -> None:
         self._engine = engine
         self._selector = selector
-        self._versions = versions
+        self._residency = residency
         self._metrics = metrics
         self._max_model_len = max_model_len
         self._slots = max_concurrent
@@ -94,6 +94,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):  # type: ignore[m
         if self._in_flight >= self._slots:
             raise OverloadedError(f"{self._slots} generate requests in flight; retry later")
         self._in_flight += 1
+        in_flight = self._metrics.requests_in_flight.labels(protocol="grpc")
+        in_flight.inc()
         request_id = uuid.uuid4().hex
         annotate(tenant=request.tenant_id, request_id=request_id)
         self._metrics.count_tenant(request.tenant_id)
@@ -107,11 +109,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):  # type: ignore[m
             async with AsyncExitStack() as stack:
                 adapter_id, lora = "", None
                 if selection is not None:
-                    lease = await stack.enter_async_context(
-                        self._versions.lease(
-                            selection.pool, selection.spec, selection.rho, pin_for=selection.pin_for
-                        )
-                    )
+                    lease = await stack.enter_async_context(self._residency.lease(selection))
                     adapter_id, lora = lease.version.adapter_id, lease.version.lora_request
                     annotate(adapter_id=adapter_id, merge_cached=lease.cached)
                 produced = 0
@@ -142,6 +140,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):  # type: ignore[m
             ) from None
         finally:
             self._in_flight -= 1
+            in_flight.dec()
 
     def _prompt(
         self, request: inference_pb2.GenerateRequest, engine: Any, max_tokens: int

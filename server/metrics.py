@@ -57,6 +57,11 @@ class Metrics:
             "Merged adapter versions removed from the engine and deleted.",
             registry=registry,
         )
+        self.eviction_errors = Counter(
+            "loramerge_merged_adapter_eviction_errors",
+            "Evictions whose remove_lora failed (the files are deleted all the same).",
+            registry=registry,
+        )
         self.adapter_load_duration = Histogram(
             "loramerge_adapter_load_duration_seconds",
             "Time for the engine to load a merged adapter (add_lora).",
@@ -66,6 +71,32 @@ class Metrics:
         self.resident_adapters = Gauge(
             "loramerge_resident_adapters",
             "Merged adapter versions loaded in the engine.",
+            registry=registry,
+        )
+        self.resident_capacity = Gauge(
+            "loramerge_resident_adapters_capacity",
+            "Merged adapter versions that may be loaded in the engine at once.",
+            registry=registry,
+        )
+        self.export_dir_bytes = Gauge(
+            "loramerge_export_dir_bytes",
+            "Bytes of merged adapter versions written in the export directory (tmpfs).",
+            registry=registry,
+        )
+        self.merge_queue_depth = Gauge(
+            "loramerge_merge_queue_depth",
+            "Merge jobs (merges, exports, diagnostics) waiting for a merge worker.",
+            registry=registry,
+        )
+        self.merge_memory = Gauge(
+            "loramerge_merge_memory_bytes",
+            "Bytes the merge side keeps on the merge device (calibrations, stacked factors).",
+            registry=registry,
+        )
+        self.requests_in_flight = Gauge(
+            "loramerge_requests_in_flight",
+            "Generate requests being served, by protocol (grpc, http).",
+            ["protocol"],
             registry=registry,
         )
         self.requests = Counter(

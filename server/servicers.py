@@ -4,6 +4,7 @@ the interceptor turns them into statuses."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from collections.abc import AsyncIterator
 
@@ -24,9 +25,9 @@ from .domain import validate_tenant_id
 from .errors import InvalidRequestError
 from .logs import annotate
 from .registry import AdapterRegistry
+from .residency import Residency
 from .selection import Selection, Selector
 from .store import Store
-from .versions import MergedVersions
 
 MAX_PAGE = 1000
 EXPORT_CHUNK = 1 << 20
@@ -86,7 +87,7 @@ class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):  # type: ignore[misc]
     def __init__(
-        self, registry: AdapterRegistry, versions: MergedVersions, selector: Selector, device: str
+        self, registry: AdapterRegistry, versions: Residency, selector: Selector, device: str
     ) -> None:
         self._registry = registry
         self._versions = versions
@@ -149,11 +150,11 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):  # type: ignore[misc
                 pool_diagnostics(pool), merged, request.per_module
             )
 
-        return await asyncio.to_thread(compute)
+        return await self._versions.builder.worker.run(compute, "diagnostics")
 
 
 class MergesServicer(merges_pb2_grpc.MergesServicer):  # type: ignore[misc]
-    def __init__(self, selector: Selector, versions: MergedVersions) -> None:
+    def __init__(self, selector: Selector, versions: Residency) -> None:
         self._selector = selector
         self._versions = versions
 
@@ -171,9 +172,7 @@ class MergesServicer(merges_pb2_grpc.MergesServicer):  # type: ignore[misc]
         self, request: merges_pb2.MergeRequest, context: grpc.aio.ServicerContext
     ) -> merges_pb2.MergeResponse:
         selection = await self._selection(request)
-        async with self._versions.lease(
-            selection.pool, selection.spec, selection.rho, pin_for=selection.pin_for
-        ) as lease:
+        async with self._versions.lease(selection) as lease:
             version = lease.version
             annotate(tenant=request.tenant_id, adapter_id=version.adapter_id, cached=lease.cached)
             return translate.merge_response(version, lease.cached)
@@ -182,7 +181,7 @@ class MergesServicer(merges_pb2_grpc.MergesServicer):  # type: ignore[misc]
         self, request: merges_pb2.ExportRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[merges_pb2.ExportResponse]:
         selection = await self._selection(request.merge)
-        async with self._versions.lease(selection.pool, selection.spec, selection.rho) as lease:
+        async with self._versions.lease(dataclasses.replace(selection, pin_for=None)) as lease:
             version = lease.version
             annotate(tenant=request.merge.tenant_id, adapter_id=version.adapter_id)
             for path in sorted(version.path.iterdir()):

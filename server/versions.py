@@ -1,30 +1,19 @@
-"""Merged adapter versions: merge once per key, hot-swap into the engine, evict when unused.
+"""Building one merged version: merge on a merge worker, export to tmpfs, load into the engine.
 
-A version is identified by (pool fingerprint, method, parameters, quantised preference). The
-first request for a key merges (off the event loop, on the merge device), writes the adapter to
-tmpfs under a name and path never used before, and `add_lora`s it; concurrent requests for the
-same key wait for that one merge (single flight). Requests hold a lease while they run; versions
-nobody holds are evicted least-recently-used first (`remove_lora` + delete) when more than the
-capacity are resident, and at once when their pool is no longer current. Hot tenants' versions
-are pinned (never evicted). The capacity never exceeds vLLM's max_cpu_loras, so vLLM's own LRU
-never drops a version we hold, and a directory is deleted only after its last request ended
-(vLLM reloads an adapter from its path when it needs it again).
+Each version gets a name, an integer id and a directory never used before (vLLM caches by name
+and reloads from the path), written atomically. Whatever fails, nothing is left behind: a
+failed export or load deletes the directory. Which versions stay resident, and for how long, is
+`residency.py`'s business.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import hashlib
-import json
+import errno
 import logging
 import shutil
 import time
-import uuid
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -33,7 +22,7 @@ import torch
 
 from loramerge.merge_engine import (
     AdapterPool,
-    CalibrationCache,
+    ExportError,
     MergeReport,
     MergeSpec,
     merge,
@@ -42,9 +31,14 @@ from loramerge.merge_engine import (
     save_adapter,
 )
 
+from .errors import EngineUnavailableError, OverloadedError
+from .merge_worker import MergeWorker
 from .metrics import Metrics
+from .version_key import VersionKey
 
 logger = logging.getLogger(__name__)
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class LoraEngine(Protocol):
@@ -58,44 +52,8 @@ class LoraEngine(Protocol):
 LoraRequestFactory = Callable[[str, int, str], object]  # (name, int id, path) → LoRARequest
 
 
-@dataclass(frozen=True)
-class VersionKey:
-    """What makes two merged adapters the same."""
-
-    pool_fingerprint: str
-    spec: str  # canonical JSON of the method, resolved parameters and stages
-    preference: tuple[int, ...]  # ρ in units of the preference step, pool order
-
-    def digest(self) -> str:
-        text = f"{self.pool_fingerprint}|{self.spec}|{self.preference}"
-        return hashlib.sha256(text.encode()).hexdigest()
-
-
-def quantize_preference(rho: tuple[float, ...], step: float) -> tuple[int, ...]:
-    """Round ρ (on the simplex) to multiples of `step`; at least one unit stays non-zero."""
-    units = tuple(round(weight / step) for weight in rho)
-    if not any(units):
-        largest = max(range(len(rho)), key=lambda i: rho[i])
-        units = tuple(int(i == largest) for i in range(len(rho)))
-    return units
-
-
-def version_key(
-    pool: AdapterPool, spec: MergeSpec, rho: tuple[float, ...], step: float
-) -> VersionKey:
-    params = dataclasses.asdict(spec.resolved_params())
-    canonical = {
-        "method": spec.method,
-        "params": params,
-        "pico": spec.pico,
-        "energy_compensation": spec.energy_compensation,
-        "svc": spec.svc,
-        "svc_alpha": spec.svc_alpha,
-        "rank": spec.rank,
-    }
-    return VersionKey(
-        pool.fingerprint, json.dumps(canonical, sort_keys=True), quantize_preference(rho, step)
-    )
+class ExportSpaceError(OverloadedError):
+    """The export directory (tmpfs) is full (RESOURCE_EXHAUSTED)."""
 
 
 @dataclass
@@ -109,138 +67,55 @@ class Version:
     path: Path
     report: MergeReport
     phase_seconds: dict[str, float]
+    nbytes: int  # on disk, in the export directory
     leases: int = 0
     pinned_by: str | None = None
 
 
 @dataclass(frozen=True)
-class Lease:
-    version: Version
-    cached: bool  # True: no merge was needed for this request
+class Exported:
+    """A merged version written to disk, not loaded yet."""
+
+    adapter_id: str
+    key: VersionKey
+    lora_id: int
+    path: Path
+    report: MergeReport
+    phase_seconds: dict[str, float]
+    nbytes: int
 
 
-class MergedVersions:
-    """Cache of merged adapter versions resident in the engine."""
-
+class VersionBuilder:
     def __init__(
         self,
         engine: LoraEngine,
         make_request: LoraRequestFactory,
+        worker: MergeWorker,
         metrics: Metrics,
         *,
-        capacity: int,
-        export_dir: Path,
+        run_dir: Path,
         export_dtype: torch.dtype,
-        preference_step: float,
         device: str,
         dtype: str,
-        max_concurrent_merges: int,
-        calibration_cache_size: int,
     ) -> None:
+        self.worker = worker
         self._engine = engine
         self._make_request = make_request
         self._metrics = metrics
-        self._capacity = capacity
-        self._dir = export_dir / f"run-{uuid.uuid4().hex[:12]}"
+        self._dir = run_dir
         self._export_dtype = export_dtype
-        self._step = preference_step
         self._device = device
         self._dtype = dtype
-        self._executor = ThreadPoolExecutor(max_concurrent_merges, thread_name_prefix="merge")
-        self.calibrations = CalibrationCache(calibration_cache_size)
-        self._versions: OrderedDict[VersionKey, Version] = OrderedDict()  # LRU order
-        self._inflight: dict[VersionKey, asyncio.Task[Version]] = {}
         self._next_id = 0
-        self._current_fingerprint: str | None = None  # None: not told yet, keep everything
 
-    @property
-    def resident(self) -> int:
-        return len(self._versions)
-
-    def versions(self) -> list[Version]:
-        return list(self._versions.values())
-
-    @asynccontextmanager
-    async def lease(
-        self,
-        pool: AdapterPool,
-        spec: MergeSpec,
-        rho: tuple[float, ...],
-        *,
-        pin_for: str | None = None,
-    ) -> AsyncIterator[Lease]:
-        """Hold the merged version for (pool, spec, ρ) while the block runs.
-
-        `pin_for`: a hot tenant's id; its version is pinned (and its previous one unpinned).
-        """
-        key = version_key(pool, spec, rho, self._step)
-        cached = key in self._versions
-        (self._metrics.merged_hits if cached else self._metrics.merged_misses).inc()
-        while True:
-            version = self._versions.get(key)
-            if version is not None:
-                self._versions.move_to_end(key)
-                break
-            built = await self._join_or_merge(key, pool, spec)
-            if self._versions.get(key) is built:  # not evicted while we were waiting
-                version = built
-                break
-        version.leases += 1  # no await between the residency check and this
-        try:
-            if pin_for is not None:
-                self._pin(version, pin_for)
-            yield Lease(version, cached)
-        finally:
-            version.leases -= 1
-            await self._evict()
-
-    async def pool_changed(self, pool: AdapterPool | None) -> None:
-        """Evict the unused versions of older pools now; the rest go when their leases end.
-
-        Also warms the new pool in the background (stacked factors on the merge device, Pico's
-        calibration of the whole pool), so the first request does not pay for it.
-        """
-        self._current_fingerprint = pool.fingerprint if pool is not None else ""
-        await self._evict()
-        if pool is not None:
-            self._executor.submit(self._warm, pool)
-
-    def _warm(self, pool: AdapterPool) -> None:
-        device = resolve_device(self._device)
-        dtype = resolve_dtype(self._dtype)
-        pool.groups(device, dtype)
-        self.calibrations.get(pool, tuple(range(len(pool))), device, dtype)
-
-    async def close(self) -> None:
-        """Remove every version (engine and disk) and stop the merge workers."""
-        for version in list(self._versions.values()):
-            await self._remove(version)
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-    async def _join_or_merge(self, key: VersionKey, pool: AdapterPool, spec: MergeSpec) -> Version:
-        """Wait for the merge of `key`, starting it if nobody has. The merge runs as its own
-        task: a requester that is cancelled does not cancel it for the others."""
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.create_task(
-                self._build(key, pool, spec), name=f"merge-{key.digest()[:8]}"
-            )
-            self._inflight[key] = task
-            task.add_done_callback(lambda done: self._settle(key, done))
-        return await asyncio.shield(task)
-
-    def _settle(self, key: VersionKey, task: asyncio.Task[Version]) -> None:
-        self._inflight.pop(key, None)
-        if not task.cancelled() and task.exception() is not None:
-            logger.warning("merge failed: %s", task.exception())  # also marks it retrieved
-
-    async def _build(self, key: VersionKey, pool: AdapterPool, spec: MergeSpec) -> Version:
+    async def export(self, key: VersionKey, pool: AdapterPool, spec: MergeSpec) -> Exported:
+        """Merge (pool, spec, the key's preference) on a merge worker and write it to disk."""
         self._next_id += 1
         lora_id = self._next_id
         adapter_id = f"m{lora_id}-{key.digest()[:12]}"
         path = self._dir / adapter_id
-        preference = dict(zip(pool.names, _simplex(key.preference), strict=True))
+        preference = dict(zip(pool.names, key.simplex(), strict=True))
+        self.worker.memory.track(pool)
 
         def merge_and_export() -> tuple[MergeReport, float]:
             result = merge(
@@ -249,36 +124,86 @@ class MergedVersions:
                 spec,
                 device=self._device,
                 dtype=self._dtype,
-                cache=self.calibrations,
+                cache=self.worker.memory.calibrations,
             )
             start = time.perf_counter()
-            save_adapter(result, path, dtype=self._export_dtype)
+            try:
+                save_adapter(result, path, dtype=self._export_dtype)
+            except ExportError as err:
+                if err.errno in NO_SPACE:
+                    raise ExportSpaceError(
+                        f"no space left in merge.export_dir ({self._dir.parent}) to write a "
+                        "merged version; give it more room or lower merge.cache_size"
+                    ) from None
+                raise
             return result.report, time.perf_counter() - start
 
-        loop = asyncio.get_running_loop()
-        report, export_seconds = await loop.run_in_executor(self._executor, merge_and_export)
-        request = self._make_request(adapter_id, lora_id, str(path))
+        report, export_seconds = await self.worker.run(merge_and_export, "a merge")
+        phases = dict(report.timings)
+        phases.update(export=export_seconds)
+        size = sum(f.stat().st_size for f in path.iterdir())
+        return Exported(adapter_id, key, lora_id, path, report, phases, size)
+
+    async def load(self, exported: Exported, method: str) -> Version:
+        """`add_lora` the exported version; on any failure its directory is deleted."""
+        request = self._make_request(exported.adapter_id, exported.lora_id, str(exported.path))
         start = time.perf_counter()
         try:
-            await self._engine.add_lora(request)
-        except BaseException:
-            shutil.rmtree(path, ignore_errors=True)
+            loaded = await self._engine.add_lora(request)
+        except EngineUnavailableError:
+            await self.discard(exported.path)
             raise
-        load_seconds = time.perf_counter() - start
-
-        phases = dict(report.timings)
-        phases.update(export=export_seconds, load=load_seconds)
-        phases["total"] = report.timings["total"] + export_seconds + load_seconds
-        self._record(spec.method, phases, report)
-        version = Version(adapter_id, key, lora_id, request, path, report, phases)
-        self._versions[key] = version
-        self._metrics.resident_adapters.set(len(self._versions))
+        except BaseException as err:
+            await self.discard(exported.path)
+            if isinstance(err, Exception):
+                raise EngineUnavailableError(
+                    f"the engine could not load merged version {exported.adapter_id}: {err}"
+                ) from None
+            raise
+        if not loaded:
+            await self.discard(exported.path)
+            raise EngineUnavailableError(
+                f"the engine refused to load merged version {exported.adapter_id}"
+            )
+        phases = dict(exported.phase_seconds)
+        phases["load"] = time.perf_counter() - start
+        phases["total"] = phases["total"] + phases["export"] + phases["load"]
+        self._record(method, phases, exported.report)
         logger.info(
             "merged version ready",
-            extra={"adapter_id": adapter_id, "method": spec.method, "rank": report.rank,
+            extra={"adapter_id": exported.adapter_id, "method": method,
+                   "rank": exported.report.rank,
                    "phase_seconds": {k: round(v, 4) for k, v in phases.items()}},
         )  # fmt: skip
-        return version
+        return Version(
+            exported.adapter_id,
+            exported.key,
+            exported.lora_id,
+            request,
+            exported.path,
+            exported.report,
+            phases,
+            exported.nbytes,
+        )
+
+    async def discard(self, path: Path) -> None:
+        await asyncio.to_thread(shutil.rmtree, path, True)
+
+    async def warm(self, pool: AdapterPool) -> None:
+        """Stack the pool on the merge device and calibrate all of it (Pico), so the first
+        request does not pay for it. Errors are logged: a cold cache is not a failure."""
+        self.worker.memory.track(pool)
+
+        def warm() -> None:
+            device = resolve_device(self._device)
+            dtype = resolve_dtype(self._dtype)
+            pool.groups(device, dtype)
+            self.worker.memory.calibrations.get(pool, tuple(range(len(pool))), device, dtype)
+
+        try:
+            await self.worker.run(warm, "the pool warm-up")
+        except Exception as err:
+            logger.warning("pool warm-up skipped: %s", err)
 
     def _record(self, method: str, phases: Mapping[str, float], report: MergeReport) -> None:
         for phase, seconds in phases.items():
@@ -288,39 +213,3 @@ class MergedVersions:
             self._metrics.calibration_hits.inc()
         elif report.calibration_cache_hit is False:
             self._metrics.calibration_misses.inc()
-
-    def _pin(self, version: Version, tenant_id: str) -> None:
-        for other in self._versions.values():
-            if other.pinned_by == tenant_id and other is not version:
-                other.pinned_by = None
-        version.pinned_by = tenant_id  # ours only: vLLM's pin_lora would also take a GPU slot
-
-    async def _evict(self) -> None:
-        stale = [
-            v
-            for v in self._versions.values()
-            if v.leases == 0
-            and self._current_fingerprint is not None
-            and v.key.pool_fingerprint != self._current_fingerprint
-        ]
-        for version in stale:
-            await self._remove(version)
-        for version in list(self._versions.values()):  # least recently used first
-            if len(self._versions) <= self._capacity:
-                break
-            if version.leases == 0 and version.pinned_by is None:
-                await self._remove(version)
-
-    async def _remove(self, version: Version) -> None:
-        if self._versions.pop(version.key, None) is None:
-            return
-        await self._engine.remove_lora(version.lora_id)
-        await asyncio.to_thread(shutil.rmtree, version.path, True)
-        self._metrics.merged_evictions.inc()
-        self._metrics.resident_adapters.set(len(self._versions))
-        logger.info("evicted merged version", extra={"adapter_id": version.adapter_id})
-
-
-def _simplex(units: tuple[int, ...]) -> tuple[float, ...]:
-    total = sum(units)
-    return tuple(u / total for u in units)

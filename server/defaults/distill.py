@@ -248,7 +248,7 @@ def distill(
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(loss.item())
             if step_progress is not None:
                 step_progress(step + 1, config.steps, losses[-1])
     finally:

@@ -79,7 +79,7 @@ def left_padded_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
 
 
 def load_model(
-    model_dir: Path, adapter_dir: Path | None, dtype: torch.dtype = torch.bfloat16
+    model_dir: Path, adapter_dir: Path | None, dtype: torch.dtype = torch.float32
 ) -> LlamaForCausalLM:
     """The model in `model_dir` (in `dtype`) with the PEFT adapter in `adapter_dir` (if any)
     merged into its weights, ready for inference."""

@@ -81,10 +81,11 @@ def ensure_default_adapters(
 
 def _load_base(model_dir: Path) -> PreTrainedModel:
     """A fresh copy of the base model for training (peft modifies the model it wraps)."""
-    # Eager attention: for these ~50-token sequences its backward is several times faster on the
-    # CPU than the fused SDPA kernel's.
+    # float32: the same adapters on every machine, and fast everywhere (CPUs without AVX512-BF16
+    # emulate bfloat16 matrix products 10–50× slower). Eager attention: for these ~50-token
+    # sequences its backward is several times faster on the CPU than the fused SDPA kernel's.
     return AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16, attn_implementation="eager"
+        model_dir, dtype=torch.float32, attn_implementation="eager"
     )
 
 
@@ -101,7 +102,7 @@ def _train(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)  # LoRA weights in float32, base in bfloat16
+    peft_model = get_peft_model(model, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=RECIPE.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -9,12 +9,15 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from loramerge.v1 import inference_pb2
 
@@ -70,6 +73,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             cwd=self.workdir,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,  # its own process group, as under a supervisor
         )
         self.startup = []
         began = time.monotonic()
@@ -116,6 +120,32 @@ class ServerProcess:
         self.process = None
         return code
 
+    def signal_group(self, sig: int) -> None:
+        """Send `sig` to the server's whole process group (vLLM's engine core included), as
+        Ctrl-C in a terminal or a container runtime's kill does."""
+        assert self.process is not None
+        os.killpg(self.process.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the server to exit on its own; returns the exit code."""
+        assert self.process is not None
+        code = self.process.wait(timeout=timeout)
+        self.process = None
+        return code
+
+    def group_alive(self, pgid: int) -> list[int]:
+        """Processes still alive in process group `pgid`."""
+        return [
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and _pgid(int(p.name)) == pgid
+        ]
+
+    @property
+    def run_dirs(self) -> list[Path]:
+        export_dir = Path(str(self.settings["merge"]["export_dir"]))  # type: ignore[index]
+        return sorted(export_dir.glob("run-*")) if export_dir.exists() else []
+
     def restart(self) -> None:
         self.stop()
         self.start()
@@ -125,6 +155,41 @@ class ServerProcess:
         return "\n".join(text.splitlines()[-lines:])
 
     def cleanup(self) -> None:
-        self.stop()
+        if self.process is not None:
+            pgid = self.process.pid
+            self.stop()
+            for pid in self.group_alive(pgid):  # never leave an orphaned engine core
+                os.kill(pid, signal.SIGKILL)
         export_dir = Path(str(self.settings["merge"]["export_dir"]))  # type: ignore[index]
         shutil.rmtree(export_dir, ignore_errors=True)
+
+
+def _pgid(pid: int) -> int | None:
+    """The process group of a live (not zombie) process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return None
+        return os.getpgid(pid)
+    except (OSError, IndexError):
+        return None
+
+
+def gauges(server: ServerProcess) -> dict[str, float]:
+    """Gauge values by `name{labels}` (and by plain name, summed)."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}"] = sample.value
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
+
+
+def eventually(check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout} s")
+        time.sleep(0.25)

@@ -1,0 +1,90 @@
+"""Bounded work off the event loop: merges, exports and diagnostics.
+
+At most `threads` jobs run at once and at most `queue` more wait; a job beyond that is refused
+at once with RESOURCE_EXHAUSTED (`OverloadedError`), so a burst of cache misses cannot grow an
+unbounded backlog or starve the default executor that tenant lookups use. A waiting caller that
+is cancelled takes its job out of the queue; a running job finishes (threads cannot be stopped)
+and still counts against the bound until it has. After every job the merge memory is brought
+back within its budget; an out-of-memory error becomes `MergeMemoryError` naming the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
+from typing import TypeVar
+
+import torch
+
+from .errors import OverloadedError
+from .merge_memory import MergeMemory, MergeMemoryError
+from .metrics import Metrics
+
+T = TypeVar("T")
+
+
+class MergeWorker:
+    def __init__(self, memory: MergeMemory, metrics: Metrics, *, threads: int, queue: int) -> None:
+        self.memory = memory
+        self._metrics = metrics
+        self._threads = threads
+        self._limit = threads + queue
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="merge")
+        self._pending = 0  # submitted and not finished (event loop only)
+        self._running = 0  # started and not finished (worker threads)
+        self._lock = threading.Lock()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    async def run(self, job: Callable[[], T], what: str) -> T:
+        """Run `job` on a worker thread; `what` names it in the error when the queue is full."""
+        if self._pending >= self._limit:
+            raise OverloadedError(
+                f"cannot start {what}: {self._threads} merge jobs running and "
+                f"{self._limit - self._threads} queued; retry later"
+            )
+        loop = asyncio.get_running_loop()
+        self._pending += 1
+        self._report()
+        future: Future[T] = self._executor.submit(self._guarded, job)
+        future.add_done_callback(lambda _: _call_soon(loop, self._finished))
+        return await asyncio.wrap_future(future)
+
+    def _guarded(self, job: Callable[[], T]) -> T:
+        with self._lock:
+            self._running += 1
+        self._report()
+        try:
+            return job()
+        except (torch.OutOfMemoryError, MemoryError):
+            described = self.memory.describe()
+            self.memory.release_all()
+            raise MergeMemoryError(
+                f"the merge ran out of memory (merge.memory_budget_bytes: {described}); "
+                "retry, or raise the budget or lower merge.max_concurrent_merges"
+            ) from None
+        finally:
+            with self._lock:
+                self._running -= 1
+            self.memory.enforce()
+
+    def _finished(self) -> None:
+        self._pending -= 1
+        self._report()
+
+    def _report(self) -> None:
+        self._metrics.merge_queue_depth.set(max(self._pending - self._running, 0))
+
+    def shutdown(self) -> None:
+        """Drop queued jobs and wait for the running ones."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    with suppress(RuntimeError):  # the loop has closed: nobody counts any more
+        loop.call_soon_threadsafe(callback)
