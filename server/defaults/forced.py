@@ -109,6 +109,8 @@ def exact_match(
 ) -> list[bool]:
     """Whether greedy decoding would answer each prompt with exactly its answer, then stop."""
     results: list[bool] = []
+    if progress is not None:
+        progress(0, len(prompts))
     for start in range(0, len(prompts), BATCH_SIZE):
         chunk = slice(start, start + BATCH_SIZE)
         answer_ids = [
