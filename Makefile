@@ -19,9 +19,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(STAMP) $(STUBS)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@# The client package (its own distribution; the CLI's remote commands use it) comes first:
+	@# loramerge[server] depends on it. Editable: its stubs are generated in place from proto/.
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ./clients/python
 	@echo "installing loramerge with the $(DEVICE) vLLM build into $(VENV) ..."
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(DEVICE),dev]"
 ifeq ($(DEVICE),cpu)
@@ -39,6 +42,7 @@ proto: $(STUBS)
 $(STUBS): $(PROTOS) $(STAMP)
 	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
 		--grpc_python_out=proto $(PROTOS)
+	$(PY) clients/python/build_stubs.py  # the client's copy (loramerge_client.v1)
 	@touch $@
 
 prepare: install
@@ -57,7 +61,7 @@ system-deps:
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy merge_engine
+	$(VENV)/bin/mypy merge_engine clients/python/loramerge_client
 
 unit: install
 	$(VENV)/bin/pytest tests/unit

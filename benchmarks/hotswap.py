@@ -157,12 +157,16 @@ class Bench:
             [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
         )
         self.prompt = {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+        self.residency: Residency | None = None
 
-    def versions(self) -> Residency:
-        metrics = Metrics(self.settings.metrics, CollectorRegistry())
-        residency = build_residency(self.settings, self.engine, metrics, self.shm)
-        residency.start()
-        return residency
+    async def versions(self) -> Residency:
+        """One residency for the whole run (lora ids are unique within a residency only)."""
+        if self.residency is None:
+            metrics = Metrics(self.settings.metrics, CollectorRegistry())
+            self.residency = build_residency(self.settings, self.engine, metrics, self.shm)
+            self.residency.start()
+            await self.residency.pool_changed(self.pool)
+        return self.residency
 
     def lease(self, versions: Residency, preference: dict[str, float]) -> Any:
         return versions.lease(Selection(self.pool, self.spec, _rho(self.pool, preference), None))
@@ -181,8 +185,7 @@ class Bench:
         return seconds
 
     async def hotswap(self, trials: int) -> dict[str, list[float]]:
-        versions = self.versions()
-        await versions.pool_changed(self.pool)
+        versions = await self.versions()
         for preference in preferences(self.pool.names, 2, offset=100):  # warm-up
             async with self.lease(versions, preference) as lease:
                 await first_token(self.engine, self.prompt, lease.version.lora_request)
@@ -204,14 +207,12 @@ class Bench:
                 token = await first_token(self.engine, self.prompt, lease.version.lora_request)
                 rows["resident"].append(token)
             rows["plain"].append(await self.plain_first_token(preference))
-        await versions.close()
         return rows
 
     async def throughput(self, args: argparse.Namespace) -> tuple[list[float], list[float]]:
         """8 tenants: ours and the plain adapters, alternating which goes first per round.
         Exactly 16 adapters are loaded, within max_cpu_loras: nothing is evicted meanwhile."""
-        versions = self.versions()
-        await versions.pool_changed(self.pool)
+        versions = await self.versions()
         tenant_prefs = preferences(self.pool.names, 8, offset=50)
         plain_loras = [self.plain_adapter(p) for p in tenant_prefs]
         ours: list[float] = []
@@ -227,7 +228,6 @@ class Bench:
                     rates.append(
                         await run_all(self.engine, self.prompt, adapters, args.tokens, args.per)
                     )
-        await versions.close()
         return ours, plain
 
 
@@ -245,6 +245,7 @@ async def benchmark(args: argparse.Namespace) -> None:
             report_hotswap(await bench.hotswap(args.trials), args.trials, len(pool))
             ours, plain = await bench.throughput(args)
             report_throughput(ours, plain, args)
+            await (await bench.versions()).close()
     finally:
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(disk, ignore_errors=True)

@@ -31,7 +31,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _BIN_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_CONFIG_BYTES = 1 << 20  # adapter_config.json
+MAX_WEIGHTS_BYTES = 8 << 30  # adapter_model.safetensors
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,10 @@ class LoraAdapter:
 
 def validate_adapter_name(name: str, field: str = "name") -> str:
     """Return `name` if it is a usable adapter name (letters, digits, `._-`, ≤ 64 chars)."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
+        shown = repr(name) if len(name) <= 64 else f"{name[:64]!r}… ({len(name)} characters)"
         raise InvalidArgumentError(
-            field, f"{name!r} is not a valid adapter name (letters, digits, '.', '_', '-'; ≤ 64)"
+            field, f"{shown} is not a valid adapter name (letters, digits, '.', '_', '-'; ≤ 64)"
         )
     return name
 
@@ -105,8 +108,8 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
             )
         raise AdapterNotFoundError(f"missing {WEIGHTS_FILE}", path=weights_path)
 
-    config_bytes = config_path.read_bytes()
-    weights_bytes = weights_path.read_bytes()
+    config_bytes = _read_capped(config_path, MAX_CONFIG_BYTES)
+    weights_bytes = _read_capped(weights_path, MAX_WEIGHTS_BYTES)
     config = _parse_config(config_bytes, config_path)
     tensors = _parse_weights(weights_bytes, weights_path)
     modules = _build_modules(config, tensors, weights_path)
@@ -128,11 +131,23 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
     )
 
 
+def _read_capped(path: Path, limit: int) -> bytes:
+    """The file's bytes, refusing a file larger than `limit` (checked while reading, so a file
+    that grows after a size check is refused too)."""
+    with path.open("rb") as file:
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise AdapterFormatError(f"larger than the {limit}-byte limit", path=path)
+    return data
+
+
 def _parse_config(data: bytes, path: Path) -> dict[str, Any]:
     try:
         config = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFormatError(f"not valid JSON: {err}", path=path) from None
+    except RecursionError:
+        raise AdapterFormatError("JSON nested too deeply", path=path) from None
     if not isinstance(config, dict):
         raise AdapterFormatError("must hold a JSON object", path=path)
 

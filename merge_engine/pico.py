@@ -89,6 +89,17 @@ class CalibrationCache:
                 freed += self._pop_oldest()
         return freed
 
+    def retain(self, fingerprint: str) -> int:
+        """Drop the calibrations of every other pool; returns the bytes released."""
+        freed = 0
+        with self._lock:
+            for key in [k for k in self._entries if k[0] != fingerprint]:
+                value = self._entries.pop(key)
+                size = sum(c.nbytes for c in value)
+                self._bytes -= size
+                freed += size
+        return freed
+
     def _pop_oldest(self) -> int:
         _, value = self._entries.popitem(last=False)
         size = sum(c.nbytes for c in value)

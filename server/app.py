@@ -37,11 +37,15 @@ from loramerge.v1 import (
     tenants_pb2_grpc,
 )
 
+from .auth import Authenticator, check_exposure, check_listener
 from .config import Settings
 from .engine import EngineSlot, adapter_dtype, lora_request, open_engine
 from .errors import ConfigError, EngineUnavailableError
+from .generation import Generator
+from .http_openai import HttpServer, OpenAIEndpoint, start_http
 from .inference import InferenceServicer
 from .interceptors import ServiceInterceptor
+from .limits import TenantLimiter
 from .logs import configure_logging
 from .merge_memory import MergeMemory
 from .merge_worker import MergeWorker
@@ -52,6 +56,7 @@ from .run_dir import create_run_dir, sweep_dead_runs
 from .selection import Selector
 from .servicers import AdaptersServicer, MergesServicer, TenantsServicer
 from .store import Store, open_store
+from .tls import server_credentials
 from .versions import LoraEngine, VersionBuilder
 
 logger = logging.getLogger("loramerge.server")
@@ -83,6 +88,7 @@ def resolve_assets(settings: Settings) -> tuple[Path, dict[str, Path]]:
 async def serve(settings: Settings) -> None:
     """Run the server until SIGTERM or SIGINT."""
     configure_logging(settings.log_level, settings.log_format)
+    check_exposure(settings)
     metrics = Metrics(settings.metrics)
     try:
         metrics_server, _ = serve_metrics(settings.metrics)
@@ -163,22 +169,22 @@ async def _serve_grpc(
     selector: Selector,
     residency: Residency,
 ) -> None:
-    server = grpc.aio.server(interceptors=[ServiceInterceptor(metrics)])
-    inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(
-            slot,
-            selector,
-            residency,
-            metrics,
-            max_model_len=settings.engine.max_model_len,
-            max_concurrent=settings.grpc.max_concurrent_requests,
-        ),
-        server,
+    authenticator = Authenticator(store, settings.auth.enabled)
+    limiter = TenantLimiter(settings.limits)
+    server = grpc.aio.server(interceptors=[ServiceInterceptor(metrics, authenticator, limiter)])
+    generator = Generator(
+        slot,
+        selector,
+        residency,
+        metrics,
+        max_model_len=settings.engine.max_model_len,
+        max_concurrent=settings.grpc.max_concurrent_requests,
     )
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(generator), server)
     merges_pb2_grpc.add_MergesServicer_to_server(MergesServicer(selector, residency), server)
     tenants_pb2_grpc.add_TenantsServicer_to_server(TenantsServicer(store, selector), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
-        AdaptersServicer(registry, residency, selector, settings.merge.device), server
+        AdaptersServicer(registry, residency, selector, settings.merge.device, store), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -189,11 +195,17 @@ async def _serve_grpc(
     )
     address = f"{settings.grpc.host}:{settings.grpc.port}"
     try:
-        server.add_insecure_port(address)
+        if settings.tls.enabled:
+            server.add_secure_port(address, server_credentials(settings.tls))
+        else:
+            server.add_insecure_port(address)
     except RuntimeError as err:
         raise ConfigError(f"cannot listen on {address}: {err}", "grpc.port") from None
     await server.start()
-    logger.info("gRPC listening", extra={"address": address})
+    logger.info("gRPC listening", extra={"address": address, "tls": settings.tls.enabled})
+    http = await _start_http(
+        settings, generator, store, slot, metrics, model, authenticator, limiter
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -215,16 +227,47 @@ async def _serve_grpc(
             died = await _watch(stop, slot)
             grace = settings.grpc.grace_seconds
             await _report(health_servicer, ("", *SERVICES.values()), False)
-            await server.stop(min(grace, 1.0) if died else grace)
+            stopping = min(grace, 1.0) if died else grace
+            await asyncio.gather(server.stop(stopping), http.stop() if http else asyncio.sleep(0))
             warm_up.cancel()
             await residency.close()
             slot.clear()
     finally:
         await server.stop(0)
+        if http is not None:
+            await http.stop()
     if died:
         raise EngineUnavailableError(
             "the vLLM engine died; exiting so that the supervisor restarts the server"
         )
+
+
+async def _start_http(
+    settings: Settings,
+    generator: Generator,
+    store: Store,
+    slot: EngineSlot,
+    metrics: Metrics,
+    model: Path,
+    authenticator: Authenticator,
+    limiter: TenantLimiter,
+) -> HttpServer | None:
+    """The OpenAI-compatible endpoint, if enabled, with the same keys and limits as gRPC; the
+    base model's id is its directory name unless configured."""
+    if not settings.http.enabled:
+        return None
+    check_listener(settings, settings.http.host, "http.host")
+    endpoint = OpenAIEndpoint(
+        generator,
+        store,
+        slot,
+        metrics,
+        authenticator,
+        limiter,
+        model_id=settings.http.model_name or model.name,
+        max_body_bytes=settings.http.max_body_bytes,
+    )
+    return await start_http(settings.http, endpoint, settings.grpc.grace_seconds)
 
 
 async def _watch(stop: asyncio.Event, slot: EngineSlot) -> bool:

@@ -6,6 +6,9 @@ loramerge merge      merge local adapters into a PEFT adapter directory, offline
 loramerge diagnose   interference diagnostics of local adapters
 loramerge eval       measure merge quality on the default tasks (docs/quality.md)
 loramerge tune       merge, then distill the merge on unlabeled prompts
+loramerge keys       create, list and revoke API keys
+
+On a running server (loramerge_client): generate, tenants, adapters, remote-merge.
 """
 
 from __future__ import annotations
@@ -33,30 +36,13 @@ from loramerge.merge_engine import (
     save_adapter,
 )
 from loramerge.merge_engine.methods.parameters import PARAMETERS
+from loramerge_client.cli import add_parser as add_remote_commands
+from loramerge_client.cli import parse_pairs as _pairs
+from loramerge_client.cli import parse_preference as _weights
 
-from . import quality_cli
+from . import keys_cli, quality_cli
 from .config import load_settings
 from .errors import ServerError
-
-
-def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
-    pairs = {}
-    for value in values:
-        name, sep, rest = value.partition("=")
-        if not sep or not name or not rest:
-            raise SystemExit(f"loramerge: {flag} expects NAME=VALUE, got {value!r}")
-        pairs[name] = rest
-    return pairs
-
-
-def _weights(values: Sequence[str]) -> dict[str, float]:
-    weights = {}
-    for name, raw in _pairs(values, "--preference").items():
-        try:
-            weights[name] = float(raw)
-        except ValueError:
-            raise SystemExit(f"loramerge: --preference {name}={raw!r} is not a number") from None
-    return weights
 
 
 def _params(values: Sequence[str]) -> dict[str, Any]:
@@ -235,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     methods = commands.add_parser("methods", help="list the merge methods and their parameters")
     methods.set_defaults(run=_methods)
     quality_cli.add_parser(commands)
+    keys_cli.add_parser(commands)
+    add_remote_commands(commands)
     return parser
 
 

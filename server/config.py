@@ -43,6 +43,20 @@ class MetricsSettings(_Section):
     )
 
 
+class HttpSettings(_Section):
+    """The OpenAI-compatible HTTP endpoint (same process, engine, tenants and merges as gRPC)."""
+
+    enabled: bool = Field(True, description="Serve /v1/chat/completions, /v1/completions, ...")
+    host: str = Field("127.0.0.1", description="Listen address; 0.0.0.0 exposes all interfaces.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    model_name: str | None = Field(
+        None, description="The base model's id in `model`; unset: the model directory's name."
+    )
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest request body; larger gets 413."
+    )
+
+
 class EngineSettings(_Section):
     model: Path | None = Field(
         None, description="HF model directory; unset: the embedded SmolLM2-135M-Instruct."
@@ -144,6 +158,61 @@ class StoreSettings(_Section):
     )
 
 
+class AuthSettings(_Section):
+    enabled: bool = Field(
+        False,
+        description="Require an API key ('authorization: Bearer <key>') on every RPC but health; "
+        "create keys with `loramerge keys create`.",
+    )
+    allow_unauthenticated_remote: bool = Field(
+        False,
+        description="Allow grpc.host to be a non-loopback address with auth off (e.g. behind an "
+        "authenticating proxy). Without it such a server refuses to start.",
+    )
+
+
+class TlsSettings(_Section):
+    cert_file: Path | None = Field(
+        None, description="PEM server certificate chain; with key_file, gRPC serves TLS only."
+    )
+    key_file: Path | None = Field(None, description="PEM private key of cert_file.")
+    client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: clients must present a certificate it signed (mTLS)."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _check(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("tls.client_ca_file needs tls.cert_file and tls.key_file")
+        return self
+
+
+class LimitSettings(_Section):
+    """Per-tenant limits on Generate, GenerateStream, Merge and Export (unset: no limit). A
+    request over a limit gets RESOURCE_EXHAUSTED with a google.rpc.RetryInfo delay."""
+
+    requests_per_second: float | None = Field(
+        None, gt=0, description="Sustained requests per second per tenant (token bucket)."
+    )
+    request_burst: int = Field(10, ge=1, description="Requests a tenant may send at once.")
+    tokens_per_second: float | None = Field(
+        None, gt=0, description="Sustained generated tokens per second per tenant."
+    )
+    token_burst: int = Field(2048, ge=1, description="Generated tokens a tenant may use at once.")
+    max_concurrent_per_tenant: int | None = Field(
+        None, ge=1, description="Requests of one tenant in flight at once."
+    )
+    max_tenants_tracked: int = Field(
+        100_000, ge=1, description="Tenants whose budgets are remembered (least recent dropped)."
+    )
+
+
 class Settings(_Section):
     """Everything the server reads; see deploy/loramerge.example.yaml for a commented copy."""
 
@@ -154,10 +223,14 @@ class Settings(_Section):
     log_format: Literal["json", "text"] = "json"
     grpc: GrpcSettings = GrpcSettings()
     metrics: MetricsSettings = MetricsSettings()
+    http: HttpSettings = HttpSettings()
     engine: EngineSettings = EngineSettings()
     adapters: AdapterSettings = AdapterSettings()
     merge: MergeSettings = MergeSettings()
     store: StoreSettings = StoreSettings()
+    auth: AuthSettings = AuthSettings()
+    tls: TlsSettings = TlsSettings()
+    limits: LimitSettings = LimitSettings()
 
     @model_validator(mode="after")
     def _expand_paths(self) -> Settings:

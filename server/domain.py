@@ -11,16 +11,17 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, shown
 
-_TENANT_ID = re.compile(r"^[A-Za-z0-9._@:-]{1,128}$")
+_TENANT_ID = re.compile(r"[A-Za-z0-9._@:-]{1,128}")
+ROLES = ("admin", "tenant")
 
 
 def validate_tenant_id(tenant_id: str, field_name: str = "tenant_id") -> str:
-    if not _TENANT_ID.match(tenant_id):
+    if not _TENANT_ID.fullmatch(tenant_id):
         raise InvalidRequestError(
             field_name,
-            f"{tenant_id!r} is not a valid tenant id (1–128 of letters, digits, '._-@:')",
+            f"{shown(tenant_id)} is not a valid tenant id (1–128 of letters, digits, '._-@:')",
         )
     return tenant_id
 
@@ -85,3 +86,18 @@ class AdapterRegistration:
     name: str
     path: Path
     registered_at: datetime
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A stored API key: never the key itself, only `secret_hash` (see `server/auth.py`).
+    `role` is "admin" or "tenant"; a tenant key acts only as `tenant_id`, and sends inline
+    preferences or merge options only if `allow_inline`."""
+
+    key_id: str
+    secret_hash: str
+    role: str
+    tenant_id: str | None
+    allow_inline: bool
+    created_at: datetime  # timezone-aware UTC
+    revoked_at: datetime | None = None

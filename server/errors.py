@@ -3,6 +3,15 @@ errors) to gRPC status codes in one table; nothing else chooses a status code.""
 
 from __future__ import annotations
 
+SHOWN_CHARACTERS = 64
+
+
+def shown(value: object, limit: int = SHOWN_CHARACTERS) -> str:
+    """`repr(value)`, cut to `limit` characters: error messages echo what a client sent, and a
+    status must stay far below gRPC's 16 KiB header limit whatever the client sent."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more)"
+
 
 class ServerError(Exception):
     """Base of the server's own errors. `field` names the request field at fault, if any."""
@@ -32,11 +41,21 @@ class ConflictError(ServerError):
 
 
 class PermissionDeniedError(ServerError):
-    """A path outside the configured allowed roots."""
+    """A path outside the configured allowed roots, or a caller acting beyond its API key."""
+
+
+class UnauthenticatedError(ServerError):
+    """No API key, or one that is unknown, malformed or revoked."""
 
 
 class OverloadedError(ServerError):
-    """Too much work in flight: retry later."""
+    """Too much work in flight: retry later (after `retry_after` seconds, if known)."""
+
+    def __init__(
+        self, message: str, field: str | None = None, retry_after: float | None = None
+    ) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, field)
 
 
 class EngineUnavailableError(ServerError):

@@ -1,9 +1,16 @@
-"""The one place errors become gRPC statuses, plus per-RPC metrics and the request log line.
+"""The one place errors become gRPC statuses, plus request decoding, authentication,
+authorization, per-tenant limits, per-RPC metrics and the request log line.
 
 `STATUS_CODES` is the table: the first entry whose type matches the raised error wins. A client
 gets the error's own message (which names the field) and structured details — google.rpc
-ErrorInfo, and BadRequest field violations for INVALID_ARGUMENT — never a traceback or repr.
+ErrorInfo, BadRequest field violations for INVALID_ARGUMENT, RetryInfo for RESOURCE_EXHAUSTED —
+never a traceback or repr, and never more than `MAX_MESSAGE` characters whatever it sent.
 Anything unexpected is INTERNAL with an incident id that is logged with the traceback.
+
+Handlers receive raw bytes (their deserializer is taken over here), so a truncated message or a
+string that is not UTF-8 is INVALID_ARGUMENT, not an UNKNOWN from inside gRPC. The rules of
+`ACCESS` say which `server/auth.py` check each RPC needs; auth and limits themselves know
+nothing of gRPC.
 """
 
 from __future__ import annotations
@@ -17,18 +24,71 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from loramerge import merge_engine as me
+from loramerge.v1 import merges_pb2
 
-from . import errors
-from .logs import begin_request
+from . import auth, errors
+from .accounting import record_request
+from .limits import Admission, TenantLimiter
+from .logs import annotate, begin_request
 from .metrics import Metrics
 
 logger = logging.getLogger("loramerge.request")
-MAX_MESSAGE = 2000
+MAX_MESSAGE = 512  # characters; gRPC sends the status in headers (16 KiB for all of them)
+MAX_FIELD = 128
+PUBLIC = ("Health.",)  # services that need no API key
+
+# What each RPC needs: returns the tenant whose limits the request spends, or None (no limits).
+_Rule = Callable[[auth.Principal, Any], str | None]
+
+
+def _admin(action: str) -> _Rule:
+    def rule(principal: auth.Principal, request: Any) -> None:
+        auth.authorize_admin(principal, action)
+
+    return rule
+
+
+def _any(principal: auth.Principal, request: Any) -> None:
+    return None
+
+
+def _own_tenant(field: str) -> _Rule:
+    def rule(principal: auth.Principal, request: Any) -> None:
+        tenant_id = request.tenant.tenant_id if field == "tenant.tenant_id" else request.tenant_id
+        auth.authorize_tenant(principal, tenant_id, field)
+
+    return rule
+
+
+def _generation(principal: auth.Principal, request: Any) -> str:
+    """Generate, GenerateStream, Merge and (through `.merge`) Export."""
+    inner = request.merge if isinstance(request, merges_pb2.ExportRequest) else request
+    inline = bool(inner.preference) or inner.HasField("merge")
+    auth.authorize_generate(principal, inner.tenant_id, inline)
+    return auth.subject(principal, inner.tenant_id)
+
+
+ACCESS: dict[str, _Rule] = {
+    "Inference.Generate": _generation,
+    "Inference.GenerateStream": _generation,
+    "Merges.Merge": _generation,
+    "Merges.Export": _generation,
+    "Tenants.SetTenant": _own_tenant("tenant.tenant_id"),
+    "Tenants.GetTenant": _own_tenant("tenant_id"),
+    "Tenants.ListTenants": _admin("ListTenants"),
+    "Tenants.DeleteTenant": _admin("DeleteTenant"),
+    "Adapters.ListAdapters": _any,
+    "Adapters.RegisterAdapter": _admin("RegisterAdapter"),
+    "Adapters.RemoveAdapter": _admin("RemoveAdapter"),
+    "Adapters.GetDiagnostics": _admin("GetDiagnostics"),
+    "ServerReflection.ServerReflectionInfo": _any,
+}
 
 STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -40,6 +100,7 @@ STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
     (me.IncompatiblePoolError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (errors.OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
@@ -71,6 +132,11 @@ def _rich_status(
     if code == grpc.StatusCode.INVALID_ARGUMENT and field:
         violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
         details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+    retry_after = getattr(error, "retry_after", None)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(int(retry_after * 1e9), 1_000_000))  # ≥ 1 ms
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     packed = []
     for detail in details:
         holder = any_pb2.Any()
@@ -87,10 +153,18 @@ def _short_name(method: str) -> str:
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Maps errors to statuses, counts and times RPCs, writes one log line per RPC."""
+    """Decodes requests, authenticates and authorizes them, applies tenant limits, maps errors
+    to statuses, counts and times RPCs, writes one log line per RPC."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        authenticator: auth.Authenticator | None = None,
+        limiter: TenantLimiter | None = None,
+    ) -> None:
         self._metrics = metrics
+        self._auth = authenticator
+        self._limiter = limiter
 
     async def intercept_service(
         self,
@@ -101,22 +175,22 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         rpc = _short_name(details.method)
+        decode = handler.request_deserializer
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._unary(rpc, handler.unary_unary))
+            behavior = self._unary(rpc, decode, handler.unary_unary)
+            return handler._replace(unary_unary=behavior, request_deserializer=None)
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._stream(rpc, handler.unary_stream))
+            behavior = self._stream(rpc, decode, handler.unary_stream)
+            return handler._replace(unary_stream=behavior, request_deserializer=None)
+        if handler.stream_stream is not None:  # server reflection
+            return handler._replace(stream_stream=self._bidi(rpc, handler.stream_stream))
         return handler
 
     def _finish(
         self, rpc: str, code: grpc.StatusCode, start: float, fields: dict[str, Any]
     ) -> None:
         seconds = time.perf_counter() - start
-        self._metrics.requests.labels(rpc=rpc, code=code.name).inc()
-        self._metrics.request_duration.labels(rpc=rpc).observe(seconds)
-        if not rpc.startswith("Health."):
-            logger.info(
-                "rpc", extra={"rpc": rpc, "code": code.name, "seconds": round(seconds, 4), **fields}
-            )
+        record_request(self._metrics, "grpc", rpc, code.name, seconds, fields)
 
     @asynccontextmanager
     async def _scope(self, rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
@@ -137,25 +211,78 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         finally:
             self._finish(rpc, code, start, fields)
 
-    def _unary(self, rpc: str, behavior: Any) -> Any:
-        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def _admit(self, rpc: str, request: Any, context: grpc.aio.ServicerContext) -> str | None:
+        """Authenticate and authorize the call; the tenant whose limits it spends, if any."""
+        if rpc.startswith(PUBLIC) or self._auth is None:
+            return None
+        metadata = dict(context.invocation_metadata() or ())
+        principal = await self._auth.authenticate(metadata.get("authorization"))
+        annotate(key_id=principal.key_id)
+        rule = ACCESS.get(rpc, _admin(rpc))  # an RPC missing from the table is admin-only
+        return rule(principal, request)
+
+    @asynccontextmanager
+    async def _limited(self, subject: str | None) -> AsyncIterator[Admission | None]:
+        if subject is None or self._limiter is None or not self._limiter.enabled:
+            yield None
+            return
+        with self._limiter.admit(subject) as admission:
+            yield admission
+
+    def _unary(self, rpc: str, decode: Any, behavior: Any) -> Any:
+        async def wrapper(data: bytes, context: grpc.aio.ServicerContext) -> Any:
             async with self._scope(rpc, context):
-                return await behavior(request, context)
+                request = _decode(decode, data)
+                async with self._limited(await self._admit(rpc, request, context)) as admission:
+                    response = await behavior(request, context)
+                    if admission is not None:
+                        admission.charge_tokens(getattr(response, "completion_tokens", 0))
+                    return response
 
         return wrapper
 
-    def _stream(self, rpc: str, behavior: Any) -> Any:
-        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    def _stream(self, rpc: str, decode: Any, behavior: Any) -> Any:
+        async def wrapper(data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with self._scope(rpc, context):
-                async for response in behavior(request, context):
+                request = _decode(decode, data)
+                async with self._limited(await self._admit(rpc, request, context)) as admission:
+                    async for response in behavior(request, context):
+                        if admission is not None:  # streamed counts are cumulative
+                            produced = getattr(response, "completion_tokens", 0)
+                            admission.charge_tokens(produced - admission.charged)
+                        yield response
+
+        return wrapper
+
+    def _bidi(self, rpc: str, behavior: Any) -> Any:
+        async def wrapper(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with self._scope(rpc, context):
+                await self._admit(rpc, None, context)
+                async for response in behavior(requests, context):
                     yield response
 
         return wrapper
 
 
+def _decode(decode: Callable[[bytes], Message] | None, data: bytes) -> Any:
+    if decode is None:
+        return data
+    try:
+        return decode(data)
+    except DecodeError:
+        raise errors.InvalidRequestError(
+            "request",
+            "not a valid protobuf message for this RPC (truncated, wrong type, or a string "
+            "that is not UTF-8)",
+        ) from None
+
+
 def _failure(error: Exception, fields: dict[str, Any]) -> tuple[grpc.StatusCode, Any]:
     code, message, field = status_for(error)
-    if len(message) > MAX_MESSAGE:  # status travels in HTTP/2 headers (16 KiB for all of them)
-        message = f"{message[:MAX_MESSAGE]}… ({len(message) - MAX_MESSAGE} more characters)"
+    message, field = _cut(message, MAX_MESSAGE), _cut(field, MAX_FIELD) if field else field
     fields["error"] = message
     return code, _rich_status(code, message, error, field)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"

@@ -100,11 +100,14 @@ class Metrics:
             registry=registry,
         )
         self.requests = Counter(
-            "loramerge_requests", "Finished RPCs by method and status code.", ["rpc", "code"],
+            "loramerge_requests",
+            "Finished requests by protocol (grpc, http), method and status code (gRPC names).",
+            ["protocol", "rpc", "code"],
             registry=registry,
         )  # fmt: skip
         self.request_duration = Histogram(
-            "loramerge_request_duration_seconds", "RPC latency.", ["rpc"], buckets=_SLOW,
+            "loramerge_request_duration_seconds", "Request latency by protocol and method.",
+            ["protocol", "rpc"], buckets=_SLOW,
             registry=registry,
         )  # fmt: skip
         self.time_to_first_token = Histogram(

@@ -19,11 +19,19 @@ from loramerge.merge_engine import (
     load_adapter,
     validate_adapter_name,
 )
+from loramerge.merge_engine.adapter import CONFIG_FILE, WEIGHTS_FILE
 
-from .errors import AlreadyExistsError, NotFoundError, PermissionDeniedError
+from .errors import (
+    AlreadyExistsError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    shown,
+)
 from .store import Store
 
 logger = logging.getLogger(__name__)
+MAX_PATH = 4096
 
 
 class AdapterRegistry:
@@ -59,14 +67,28 @@ class AdapterRegistry:
             self._pool = AdapterPool(adapters.values())  # logs its own warnings
 
     def _check_path(self, path: str) -> Path:
+        """The resolved adapter directory, if it and the files read from it (symlinks
+        followed) are under an allowed root."""
         if not self._roots:
             raise PermissionDeniedError(
                 "registering adapters is disabled: configure adapters.allowed_roots", "path"
             )
-        resolved = Path(path).expanduser().resolve()  # follows symlinks out of the roots too
-        if not any(resolved.is_relative_to(root) for root in self._roots):
-            roots = ", ".join(str(root) for root in self._roots)
-            raise PermissionDeniedError(f"{path!r} is not under an allowed root ({roots})", "path")
+        if not path:
+            raise InvalidRequestError("path", "is required")
+        if "\0" in path or len(path) > MAX_PATH:
+            raise InvalidRequestError(
+                "path", f"{shown(path)} is not a path (NUL byte or over {MAX_PATH} characters)"
+            )
+        if not path.startswith("/"):
+            raise InvalidRequestError("path", f"{shown(path)} must be an absolute path")
+        resolved = Path(path).resolve()  # follows symlinks out of the roots too
+        for candidate in (resolved, resolved / CONFIG_FILE, resolved / WEIGHTS_FILE):
+            target = candidate.resolve()
+            if not any(target.is_relative_to(root) for root in self._roots):
+                roots = ", ".join(str(root) for root in self._roots)
+                raise PermissionDeniedError(
+                    f"{shown(str(candidate))} is not under an allowed root ({roots})", "path"
+                )
         return resolved
 
     async def register(self, name: str, path: str) -> tuple[LoraAdapter, AdapterPool]:

@@ -130,6 +130,7 @@ class Residency:
     async def pool_changed(self, pool: AdapterPool | None) -> None:
         """Retire the versions of older pools (once unleased) and warm the new pool."""
         self._current = pool.fingerprint if pool is not None else ""
+        self.builder.worker.memory.calibrations.retain(self._current)
         self._wake()
         if pool is not None and self._warm:
             await self.builder.warm(pool)

@@ -9,11 +9,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from loramerge.merge_engine import AdapterPool, MergeSpec, normalize_preference
+from loramerge.merge_engine import (
+    AdapterPool,
+    InvalidArgumentError,
+    MergeSpec,
+    normalize_preference,
+)
 
 from .config import Settings
 from .domain import MergeChoice, validate_tenant_id
-from .errors import ConflictError
+from .errors import ConfigError, ConflictError, InvalidRequestError
 from .registry import AdapterRegistry
 from .store import Store
 
@@ -61,6 +66,21 @@ class Selector:
         self._registry = registry
         self._defaults = default_choice(settings)
         self._hot = frozenset(settings.merge.hot_tenants)
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        """The server's own merge settings fail at start, not later as a client's error."""
+        try:
+            spec_for(self._defaults, self._settings.engine.max_lora_rank)
+        except InvalidArgumentError as err:
+            name = str(err.field).removeprefix("params.")
+            field = "merge.method" if name == "method" else f"merge.params.{name}"
+            raise ConfigError(f"invalid server setting: {err}", field) from None
+        for index, tenant_id in enumerate(self._settings.merge.hot_tenants):
+            try:
+                validate_tenant_id(tenant_id, f"merge.hot_tenants[{index}]")
+            except InvalidRequestError as err:
+                raise ConfigError(f"invalid server setting: {err}", err.field) from None
 
     def require_pool(self) -> AdapterPool:
         pool = self._registry.pool
@@ -84,10 +104,10 @@ class Selector:
             record = await asyncio.to_thread(self._store.get_tenant, tenant_id)
             stored = record.merge
             preference = preference or record.preference
+        choice = overrides.over(stored).over(self._defaults)
+        spec = spec_for(choice, self._settings.engine.max_lora_rank)  # even for the base model
         if not preference:
             return None
         pool = self.require_pool()
-        choice = overrides.over(stored).over(self._defaults)
-        spec = spec_for(choice, self._settings.engine.max_lora_rank)
         rho = normalize_preference(preference, pool.names)
         return Selection(pool, spec, rho, tenant_id if tenant_id in self._hot else None)

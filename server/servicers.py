@@ -10,7 +10,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from loramerge.merge_engine import MergeSpec, merged_diagnostics, pool_diagnostics
+from loramerge.merge_engine import (
+    MergeSpec,
+    merged_diagnostics,
+    pool_diagnostics,
+    validate_adapter_name,
+)
 from loramerge.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
@@ -22,7 +27,7 @@ from loramerge.v1 import (
 
 from . import translate
 from .domain import validate_tenant_id
-from .errors import InvalidRequestError
+from .errors import ConflictError, InvalidRequestError, OverloadedError
 from .logs import annotate
 from .registry import AdapterRegistry
 from .residency import Residency
@@ -31,6 +36,23 @@ from .store import Store
 
 MAX_PAGE = 1000
 EXPORT_CHUNK = 1 << 20
+MAX_VERSION = 2**63 - 1  # the store's integers are signed 64-bit
+TENANTS_LISTED = 20
+
+
+def _version(value: int, field: str, lowest: int = 1) -> int:
+    if not lowest <= value <= MAX_VERSION:
+        raise InvalidRequestError(field, f"must be in [{lowest}, 2^63 - 1], got {value}")
+    return value
+
+
+def _tenants_using(store: Store, adapter: str) -> list[str]:
+    """Ids of the tenants whose latest preference gives `adapter` a positive weight."""
+    users, after = [], None
+    while page := store.list_tenants(MAX_PAGE, after):
+        users += [r.tenant_id for r in page if r.preference.get(adapter, 0.0) > 0]
+        after = page[-1].tenant_id
+    return users
 
 
 class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
@@ -46,7 +68,11 @@ class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
         preference = translate.preference_from_proto(tenant.preference, "tenant.preference")
         choice = translate.merge_choice_from_proto(tenant.merge)
         self._selector.validate(preference, choice)
-        expected = request.expected_version if request.HasField("expected_version") else None
+        expected = (
+            _version(request.expected_version, "expected_version", lowest=0)
+            if request.HasField("expected_version")
+            else None
+        )
         record = await asyncio.to_thread(
             self._store.set_tenant, tenant.tenant_id, preference, choice, expected
         )
@@ -57,7 +83,7 @@ class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
         self, request: tenants_pb2.GetTenantRequest, context: grpc.aio.ServicerContext
     ) -> tenants_pb2.GetTenantResponse:
         validate_tenant_id(request.tenant_id)
-        version = request.version if request.HasField("version") else None
+        version = _version(request.version, "version") if request.HasField("version") else None
         record = await asyncio.to_thread(self._store.get_tenant, request.tenant_id, version)
         return tenants_pb2.GetTenantResponse(tenant=translate.tenant_to_proto(record))
 
@@ -87,12 +113,19 @@ class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):  # type: ignore[misc]
     def __init__(
-        self, registry: AdapterRegistry, versions: Residency, selector: Selector, device: str
+        self,
+        registry: AdapterRegistry,
+        versions: Residency,
+        selector: Selector,
+        device: str,
+        store: Store,
     ) -> None:
+        self._store = store
         self._registry = registry
         self._versions = versions
         self._selector = selector
         self._device = device
+        self._diagnostics = asyncio.Semaphore(1)  # fp64 SVDs of the whole pool: one at a time
 
     async def RegisterAdapter(
         self, request: adapters_pb2.RegisterAdapterRequest, context: grpc.aio.ServicerContext
@@ -110,6 +143,21 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):  # type: ignore[misc
     async def RemoveAdapter(
         self, request: adapters_pb2.RemoveAdapterRequest, context: grpc.aio.ServicerContext
     ) -> adapters_pb2.RemoveAdapterResponse:
+        validate_adapter_name(request.name, "name")
+        if not request.force:
+            users = await asyncio.to_thread(_tenants_using, self._store, request.name)
+            if users:
+                listed = ", ".join(users[:TENANTS_LISTED])
+                more = (
+                    f" and {len(users) - TENANTS_LISTED} more"
+                    if len(users) > TENANTS_LISTED
+                    else ""
+                )
+                raise ConflictError(
+                    f"adapter {request.name!r} has a weight in the preference of tenants "
+                    f"{listed}{more}; update them first or set force",
+                    "name",
+                )
         pool = await self._registry.remove(request.name)
         await self._versions.pool_changed(pool)
         return adapters_pb2.RemoveAdapterResponse(
@@ -129,6 +177,14 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):  # type: ignore[misc
 
     async def GetDiagnostics(
         self, request: adapters_pb2.GetDiagnosticsRequest, context: grpc.aio.ServicerContext
+    ) -> adapters_pb2.GetDiagnosticsResponse:
+        if self._diagnostics.locked():
+            raise OverloadedError("a diagnostics computation is running; retry", retry_after=1.0)
+        async with self._diagnostics:
+            return await self._diagnose(request)
+
+    async def _diagnose(
+        self, request: adapters_pb2.GetDiagnosticsRequest
     ) -> adapters_pb2.GetDiagnosticsResponse:
         pool = self._selector.require_pool()
         preference = translate.preference_from_proto(request.preference, "preference")

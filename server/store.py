@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from .domain import AdapterRegistration, MergeChoice, TenantRecord, validate_tenant_id
+from .domain import AdapterRegistration, ApiKey, MergeChoice, TenantRecord, validate_tenant_id
 from .errors import AlreadyExistsError, ConfigError, ConflictError, NotFoundError
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,22 @@ class Store(Protocol):
 
     def list_adapters(self) -> list[AdapterRegistration]:
         """The registered adapters, ordered by name."""
+        ...
+
+    def add_api_key(self, key: ApiKey) -> None:
+        """Store a new API key (its hash; `AlreadyExistsError` if the id is taken)."""
+        ...
+
+    def get_api_key(self, key_id: str) -> ApiKey | None:
+        """The key with this id, revoked or not; None if there is none."""
+        ...
+
+    def list_api_keys(self) -> list[ApiKey]:
+        """Every key, revoked ones included, ordered by creation time."""
+        ...
+
+    def revoke_api_key(self, key_id: str) -> ApiKey:
+        """Mark the key revoked (idempotent) and return it (`NotFoundError` if absent)."""
         ...
 
     def close(self) -> None: ...
@@ -136,9 +152,27 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    # API keys: only a slow salted hash of the secret is stored (server/auth.py). Booleans are
+    # INTEGER 0/1 and times ISO 8601 TEXT, which SQLite and PostgreSQL both accept.
+    conn.execute(
+        """
+        CREATE TABLE api_keys (
+            key_id TEXT PRIMARY KEY,
+            secret_hash TEXT NOT NULL,
+            role TEXT NOT NULL CHECK (role IN ('admin', 'tenant')),
+            tenant_id TEXT,               -- NULL for admin keys
+            allow_inline INTEGER NOT NULL,
+            created_at TEXT NOT NULL,     -- ISO 8601, UTC offset included
+            revoked_at TEXT               -- NULL while the key is valid
+        )
+        """
+    )
+
+
 # Step i takes the schema from version i to i + 1. Released steps never change: a new schema
 # appends a step (a function, so that it can rewrite data as well as tables).
-_MIGRATIONS: tuple[_Migration, ...] = (_migrate_0_to_1,)
+_MIGRATIONS: tuple[_Migration, ...] = (_migrate_0_to_1, _migrate_1_to_2)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -350,9 +384,78 @@ class SqliteStore:
             for name, path, registered_at in rows
         ]
 
+    # --- API keys ---
+
+    def add_api_key(self, key: ApiKey) -> None:
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM api_keys WHERE key_id = ?", (key.key_id,)).fetchone():
+                raise AlreadyExistsError(f"API key {key.key_id!r} exists", "key_id")
+            conn.execute(
+                f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key.key_id,
+                    key.secret_hash,
+                    key.role,
+                    key.tenant_id,
+                    int(key.allow_inline),
+                    key.created_at.isoformat(),
+                    key.revoked_at.isoformat() if key.revoked_at else None,
+                ),
+            )
+
+    def get_api_key(self, key_id: str) -> ApiKey | None:
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+        return None if row is None else _api_key(*row)
+
+    def list_api_keys(self) -> list[ApiKey]:
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_KEY_COLUMNS} FROM api_keys ORDER BY created_at, key_id"
+            ).fetchall()
+        return [_api_key(*row) for row in rows]
+
+    def revoke_api_key(self, key_id: str) -> ApiKey:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                (_now().isoformat(), key_id),
+            )
+            row = conn.execute(
+                f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+        if row is None:
+            raise NotFoundError(f"no API key {key_id!r}", "key_id")
+        return _api_key(*row)
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+_KEY_COLUMNS = "key_id, secret_hash, role, tenant_id, allow_inline, created_at, revoked_at"
+
+
+def _api_key(
+    key_id: str,
+    secret_hash: str,
+    role: str,
+    tenant_id: str | None,
+    allow_inline: int,
+    created_at: str,
+    revoked_at: str | None,
+) -> ApiKey:
+    return ApiKey(
+        key_id=key_id,
+        secret_hash=secret_hash,
+        role=role,
+        tenant_id=tenant_id,
+        allow_inline=bool(allow_inline),
+        created_at=datetime.fromisoformat(created_at),
+        revoked_at=datetime.fromisoformat(revoked_at) if revoked_at else None,
+    )
 
 
 _COLUMNS = "tenant_id, version, preference, merge, updated_at"

@@ -15,10 +15,15 @@ from loramerge.merge_engine.methods.parameters import PARAMETERS
 from loramerge.v1 import adapters_pb2, inference_pb2, merge_pb2, merges_pb2, tenants_pb2
 
 from .domain import MergeChoice, TenantRecord
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, shown
 from .versions import Version
 
 _PARAMETERS = tuple(PARAMETERS)
+MAX_PREFERENCE_ENTRIES = 64
+MAX_NAME = 64  # method names and string parameters
+MAX_PARAMETER = 1e3  # |scaling|, |mix|, ...: larger only overflows the merge
+MAX_SEED = 2**63 - 1
+MAX_RANK = 512  # vLLM's largest max_lora_rank
 _FINISH = {
     "stop": inference_pb2.FINISH_REASON_STOP,
     "length": inference_pb2.FINISH_REASON_LENGTH,
@@ -27,21 +32,31 @@ _FINISH = {
 
 
 def preference_from_proto(values: Mapping[str, float], field: str) -> dict[str, float]:
-    """Copy a proto preference map, rejecting NaN, infinite and negative weights early."""
+    """Copy a proto preference map, rejecting too many entries and NaN, infinite and negative
+    weights early."""
+    if len(values) > MAX_PREFERENCE_ENTRIES:
+        raise InvalidRequestError(
+            field, f"at most {MAX_PREFERENCE_ENTRIES} entries, got {len(values)}"
+        )
     for name, weight in values.items():
         if not math.isfinite(weight) or weight < 0:
             raise InvalidRequestError(
-                f"{field}[{name!r}]", f"weight must be finite and ≥ 0, got {weight}"
+                f"{field}[{shown(name)}]", f"weight must be finite and ≥ 0, got {weight}"
             )
     return dict(values)
 
 
 def merge_choice_from_proto(options: merge_pb2.MergeOptions) -> MergeChoice:
-    """The options a message states; unset fields stay None."""
+    """The options a message states; unset fields stay None. Numbers are checked against
+    bounds that keep every method's arithmetic finite (the methods check their own ranges)."""
     parameters = options.parameters
     params: dict[str, Any] = {
         name: getattr(parameters, name) for name in _PARAMETERS if parameters.HasField(name)
     }
+    for name, value in params.items():
+        _check_parameter(f"merge.parameters.{name}", value)
+    if len(options.method) > MAX_NAME:
+        raise InvalidRequestError("merge.method", f"{shown(options.method)} is not a method")
     return MergeChoice(
         method=options.method or None,
         pico=options.pico if options.HasField("pico") else None,
@@ -52,6 +67,21 @@ def merge_choice_from_proto(options: merge_pb2.MergeOptions) -> MergeChoice:
             options.energy_compensation if options.HasField("energy_compensation") else None
         ),
     )
+
+
+def _check_parameter(field: str, value: Any) -> None:
+    if isinstance(value, str):
+        if len(value) > MAX_NAME:
+            raise InvalidRequestError(field, f"{shown(value)} is not a valid value")
+    elif isinstance(value, float):
+        if not math.isfinite(value) or abs(value) > MAX_PARAMETER:
+            raise InvalidRequestError(
+                field, f"must be finite, |x| ≤ {MAX_PARAMETER:g}; got {value}"
+            )
+    elif field.endswith(".seed") and value > MAX_SEED:
+        raise InvalidRequestError(field, f"must be ≤ {MAX_SEED} (2^63 - 1), got {value}")
+    elif field.endswith(".branch_rank") and value > MAX_RANK:
+        raise InvalidRequestError(field, f"must be ≤ {MAX_RANK}, got {value}")
 
 
 def merge_choice_to_proto(choice: MergeChoice) -> merge_pb2.MergeOptions:

@@ -11,7 +11,7 @@ import grpc
 import pytest
 import torch
 
-from harness import ServerProcess
+from harness import ServerProcess, create_key
 from loramerge.server.defaults import DefaultAssets, prepare_defaults
 from loramerge.v1 import adapters_pb2_grpc, inference_pb2_grpc, merges_pb2_grpc, tenants_pb2_grpc
 
@@ -49,7 +49,8 @@ def server(
     allowed_root: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServerProcess]:
-    """`loramerge serve` with the real engine on the embedded model and default adapters."""
+    """`loramerge serve` with the real engine on the embedded model and default adapters, with
+    authentication on: `server.api_key` is an admin key, which `server.channel()` sends."""
     workdir = tmp_path_factory.mktemp("server")
     process = ServerProcess(
         workdir,
@@ -61,8 +62,10 @@ def server(
             "grpc": {"max_concurrent_requests": 3},
             "merge": {"export_dir": f"/dev/shm/loramerge-test-{uuid.uuid4().hex[:8]}"},
             "store": {"url": f"sqlite:///{workdir / 'loramerge.db'}"},
+            "auth": {"enabled": True},
         },
     )
+    process.api_key = create_key(process.write_config(), "--admin")
     process.start()
     yield process
     process.cleanup()
@@ -70,7 +73,7 @@ def server(
 
 @pytest.fixture(scope="session")
 def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.address) as channel:
+    with server.channel() as channel:
         yield channel
 
 

@@ -25,6 +25,51 @@ INFERENCE = "loramerge.v1.Inference"
 START_TIMEOUT = 300.0
 
 
+class WithKey(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Sends `authorization: Bearer <key>` with every call of a channel."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def _with_key(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"]
+        metadata.append(("authorization", f"Bearer {self.key}"))
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._with_key(details), request)
+
+    def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._with_key(details), requests)
+
+
+def create_key(config: Path, *args: str) -> str:
+    """`loramerge keys create ARGS` against the store of `config`; the new key."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loramerge.server",
+            "keys",
+            "--config",
+            str(config),
+            "create",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.splitlines()[-1]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -39,12 +84,19 @@ class ServerProcess:
     settings: dict[str, object]
     grpc_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    api_key: str | None = None  # sent by `channel()` and the start-up probe
     startup: list[tuple[float, str]] = field(default_factory=list)  # (seconds, observation)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible endpoint (…/v1)."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     @property
     def metrics_url(self) -> str:
@@ -58,9 +110,16 @@ class ServerProcess:
         config = dict(self.settings)
         config["grpc"] = {**dict(config.get("grpc", {})), "port": self.grpc_port}  # type: ignore[arg-type]
         config["metrics"] = {**dict(config.get("metrics", {})), "port": self.metrics_port}  # type: ignore[arg-type]
+        config["http"] = {**dict(config.get("http", {})), "port": self.http_port}  # type: ignore[arg-type]
         path = self.workdir / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         return path
+
+    def channel(self, key: str | None = None) -> grpc.Channel:
+        """A channel to the server sending `key` (default: `api_key`, if any) with every call."""
+        channel = grpc.insecure_channel(self.address)
+        key = key or self.api_key
+        return grpc.intercept_channel(channel, WithKey(key)) if key else channel
 
     def start(self) -> None:
         """Start the server and wait until every service is SERVING, recording what health and
@@ -77,7 +136,7 @@ class ServerProcess:
         )
         self.startup = []
         began = time.monotonic()
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             health = health_pb2_grpc.HealthStub(channel)
             generate = channel.unary_unary(
                 "/loramerge.v1.Inference/Generate",

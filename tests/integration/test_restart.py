@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
 
 from harness import ServerProcess
@@ -12,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_tenants_survive_a_restart(server: ServerProcess, task_names: list[str]) -> None:
-    with grpc.insecure_channel(server.address) as channel:
+    with server.channel() as channel:
         stored = (
             tenants_pb2_grpc.TenantsStub(channel)
             .SetTenant(
@@ -26,7 +25,7 @@ def test_tenants_survive_a_restart(server: ServerProcess, task_names: list[str])
         )
     assert server.stop() == 0  # SIGTERM: graceful
     server.start()
-    with grpc.insecure_channel(server.address) as channel:
+    with server.channel() as channel:
         loaded = (
             tenants_pb2_grpc.TenantsStub(channel)
             .GetTenant(tenants_pb2.GetTenantRequest(tenant_id="t-durable"))

@@ -104,6 +104,8 @@ def test_caches_are_accounted_in_bytes_and_evicted_to_the_budget(pool3: AdapterP
 
         await worker.run(lambda: pool_diagnostics(pool3), "diagnostics")  # float64 stacks
         assert pool3.cached_bytes() == stacks  # dropped after the job
+        assert memory.calibrations.retain("another pool") > 0
+        assert memory.calibrations.nbytes == 0 and len(memory.calibrations) == 0
         worker.shutdown()
 
     asyncio.run(scenario())

@@ -301,3 +301,32 @@ def test_eviction_is_off_the_request_path_and_its_errors_stay_there(
         await residency.close()
 
     run(scenario)
+
+
+def test_a_cancelled_request_releases_its_lease(pool3: AdapterPool, tmp_path: Path) -> None:
+    """What a client cancelling or passing its deadline does to the request's task."""
+
+    async def scenario() -> None:
+        engine = EngineDouble()
+        residency = make_residency(engine, tmp_path / "run", capacity=1)
+        residency.start()
+        generating = asyncio.Event()
+
+        async def request() -> None:
+            async with residency.lease(select(pool3, 1, 0, 0)):
+                generating.set()
+                await asyncio.sleep(60)  # generating when the client goes away
+
+        tasks = [asyncio.create_task(request()) for _ in range(5)]
+        await generating.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        (version,) = residency.versions()
+        assert version.leases == 0
+        async with residency.lease(select(pool3, 0, 1, 0)):  # so the only slot can be reused
+            pass
+        assert engine.removed == [version.lora_id]
+        await residency.close()
+
+    run(scenario)
