@@ -80,10 +80,10 @@ bench: install
 # incremental. Not part of `make test` (tens of CPU minutes).
 QUALITY_DIR ?= $(HOME)/.cache/loramerge/quality
 quality: install
-	$(VENV)/bin/loramerge tune --task-prompts 64 --method ta --steps 150 \
-		--out $(QUALITY_DIR)/tuned/distill-ta
+	$(VENV)/bin/loramerge tune --task-prompts 64 --method tsvm --pico --steps 150 \
+		--out $(QUALITY_DIR)/tuned/distill
 	$(VENV)/bin/loramerge eval --n 100 --validation-n 40 --results $(QUALITY_DIR)/results \
-		--tuned "ta + distill=$(QUALITY_DIR)/tuned/distill-ta" --json $(QUALITY_DIR)/table.json
+		--tuned "tsvm + pico + distill=$(QUALITY_DIR)/tuned/distill" --json $(QUALITY_DIR)/table.json
 
 clean:
 	rm -rf $(VENV) proto/loramerge/v1/*_pb2*.py* $(STUBS)
