@@ -16,7 +16,7 @@ STUBS := proto/loramerge/v1/.generated
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install proto serve prepare test lint unit integration bench bench-scale clean system-deps \
-	image-deps image-test k8s-config
+	image-deps image-test k8s-config quality
 
 install: $(STAMP) $(STUBS)
 
@@ -98,6 +98,16 @@ bench: install
 # one point alone: make bench-scale ARGS="--tenants 64 --steps"
 bench-scale: install
 	$(PY) benchmarks/tenant_scale.py $(ARGS)
+
+# The merge-quality table (docs/quality.md + docs/quality.png): distil a merge, then score every
+# method, the tuned adapter, the base model and each adapter. Cached per variant: reruns are
+# incremental. Not part of `make test` (tens of CPU minutes).
+QUALITY_DIR ?= $(HOME)/.cache/loramerge/quality
+quality: install
+	$(VENV)/bin/loramerge tune --task-prompts 64 --method tsvm --pico --steps 150 \
+		--out $(QUALITY_DIR)/tuned/distill
+	$(VENV)/bin/loramerge eval --n 100 --validation-n 40 --results $(QUALITY_DIR)/results \
+		--tuned "tsvm + pico + distill=$(QUALITY_DIR)/tuned/distill" --json $(QUALITY_DIR)/table.json
 
 clean:
 	rm -rf $(VENV) proto/loramerge/v1/*_pb2*.py* $(STUBS)
