@@ -17,6 +17,9 @@ from harness import INFERENCE, ServerProcess, eventually, gauges
 from loramerge.v1 import inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.slow
+# Not a performance goal: well below the ~56 s hang on a dead engine that this guards against,
+# well above an exit on a 2-core machine shared by other work (grace 10 s + engine shutdown).
+HANG = 45.0
 
 
 def test_cancel_and_deadline_abort_the_engine_request(
@@ -65,7 +68,7 @@ def test_sigterm_to_the_process_group_drains_and_exits_cleanly(
     seconds = time.monotonic() - began
     log = server.log_path.read_text(errors="replace")[log_start:]
     assert code == 0, log
-    assert seconds < 20, f"took {seconds:.0f} s to exit"
+    assert seconds < HANG, f"took {seconds:.0f} s to exit"
     print(f"\nSIGTERM to the process group: exit 0 after {seconds:.1f} s")
     assert server.run_dirs == []
     assert "Traceback" not in log and "EngineDeadError" not in log, log
@@ -99,7 +102,7 @@ def test_the_engine_dying_makes_the_process_exit_for_a_restart(server: ServerPro
     seconds = time.monotonic() - began
     print(f"\nengine core killed: {sorted(seen)} seen, exit {code} after {seconds:.1f} s")
     assert code != 0
-    assert seconds < 30
+    assert seconds < HANG
     assert "OK" not in seen and seen & {"UNAVAILABLE", "NOT_SERVING"}, seen
     assert not run_dir.exists()
     assert re.search(r"vLLM engine (has stopped|died)", server.log_path.read_text())
