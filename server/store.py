@@ -201,13 +201,13 @@ def _migrate_0_to_1(db: Database) -> None:
     )
 
 
-def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+def _migrate_1_to_2(db: Database) -> None:
     # API keys: only a slow salted hash of the secret is stored (server/auth.py). Booleans are
     # INTEGER 0/1 and times ISO 8601 TEXT, which SQLite and PostgreSQL both accept.
-    conn.execute(
-        """
+    db.execute(
+        f"""
         CREATE TABLE api_keys (
-            key_id TEXT PRIMARY KEY,
+            key_id {db.key_type} PRIMARY KEY,
             secret_hash TEXT NOT NULL,
             role TEXT NOT NULL CHECK (role IN ('admin', 'tenant')),
             tenant_id TEXT,               -- NULL for admin keys

@@ -362,3 +362,23 @@ def test_open_store_refuses_other_urls(spec: str) -> None:
     if spec.startswith("mysql"):
         assert "sqlite:///" in str(refused.value)
         assert "postgresql://" in str(refused.value)
+
+
+def test_api_keys_round_trip_and_revoke(store: SqlStore) -> None:
+    from loramerge.server.auth import new_key
+
+    _, tenant_key = new_key("tenant", "acme", allow_inline=True)
+    _, admin_key = new_key("admin")
+    store.add_api_key(tenant_key)
+    store.add_api_key(admin_key)
+    assert store.get_api_key(tenant_key.key_id) == tenant_key
+    assert store.get_api_key("0" * 16) is None
+    with pytest.raises(AlreadyExistsError):
+        store.add_api_key(tenant_key)
+    revoked = store.revoke_api_key(tenant_key.key_id)
+    assert revoked.revoked_at is not None and revoked.tenant_id == "acme"
+    assert store.revoke_api_key(tenant_key.key_id).revoked_at == revoked.revoked_at  # idempotent
+    assert {k.key_id for k in store.list_api_keys()} == {tenant_key.key_id, admin_key.key_id}
+    with pytest.raises(NotFoundError) as missing:
+        store.revoke_api_key("f" * 16)
+    assert missing.value.field == "key_id"
