@@ -10,13 +10,13 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from loramerge.server.domain import ApiKey, MergeChoice
+from loramerge.server.domain import MergeChoice
 from loramerge.server.errors import (
     AlreadyExistsError,
     ConfigError,
@@ -364,20 +364,21 @@ def test_open_store_refuses_other_urls(spec: str) -> None:
         assert "postgresql://" in str(refused.value)
 
 
-def test_api_keys_are_stored_listed_and_revoked(store: SqlStore) -> None:
-    """The API-key methods share the SQL too: replicas on PostgreSQL see the same keys."""
-    created = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    admin = ApiKey("k-admin", "hash-a", "admin", None, False, created, None)
-    tenant = ApiKey("k-acme", "hash-b", "tenant", "acme", True, created, None)
-    store.add_api_key(admin)
-    store.add_api_key(tenant)
+def test_api_keys_round_trip_and_revoke(store: SqlStore) -> None:
+    from loramerge.server.auth import new_key
+
+    _, tenant_key = new_key("tenant", "acme", allow_inline=True)
+    _, admin_key = new_key("admin")
+    store.add_api_key(tenant_key)
+    store.add_api_key(admin_key)
+    assert store.get_api_key(tenant_key.key_id) == tenant_key
+    assert store.get_api_key("0" * 16) is None
     with pytest.raises(AlreadyExistsError):
-        store.add_api_key(admin)
-    assert store.get_api_key("k-acme") == tenant
-    assert store.get_api_key("nobody") is None
-    assert [k.key_id for k in store.list_api_keys()] == ["k-acme", "k-admin"]
-    revoked = store.revoke_api_key("k-acme")
-    assert revoked.revoked_at is not None
-    assert store.get_api_key("k-acme") == revoked
-    with pytest.raises(NotFoundError):
-        store.revoke_api_key("nobody")
+        store.add_api_key(tenant_key)
+    revoked = store.revoke_api_key(tenant_key.key_id)
+    assert revoked.revoked_at is not None and revoked.tenant_id == "acme"
+    assert store.revoke_api_key(tenant_key.key_id).revoked_at == revoked.revoked_at  # idempotent
+    assert {k.key_id for k in store.list_api_keys()} == {tenant_key.key_id, admin_key.key_id}
+    with pytest.raises(NotFoundError) as missing:
+        store.revoke_api_key("f" * 16)
+    assert missing.value.field == "key_id"
