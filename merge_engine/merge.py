@@ -164,7 +164,6 @@ def merge(
             b=calibrations[index].lora_b if spec.pico else tuple(group.lora_b[i] for i in active),
             a=tuple(group.scaled_a[i] for i in active),
             rho=rho_active,
-            pool_size=len(pool),
         )
         target_rank = min(spec.rank or tasks.total_rank, tasks.out_features, tasks.in_features)
         with timer("merge"):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .linalg import tall_svd
 from .pool import AdapterPool, tensor_bytes
 
 
@@ -41,9 +42,7 @@ class Calibration:
 def calibrate(lora_b: Sequence[torch.Tensor]) -> Calibration:
     """Calibrate the raw B factors of n adapters, each [G, out, r_t], in one batched SVD."""
     count = len(lora_b)
-    q, r = torch.linalg.qr(torch.cat(list(lora_b), dim=-1))  # [G, out, p], [G, p, R]
-    u_small, sigma, _ = torch.linalg.svd(r, full_matrices=False)
-    basis = q @ u_small  # [G, out, p]
+    basis, sigma, _ = tall_svd(torch.cat(list(lora_b), dim=-1))  # [G, out, p], [G, p]
     energy = sigma.square()
     sharing = energy / energy.sum(dim=-1, keepdim=True).clamp_min(1e-12)
     coefficients = 1.0 / (1.0 + (count - 1) * sharing)

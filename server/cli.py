@@ -4,6 +4,8 @@ loramerge serve      run the gRPC server (real vLLM engine)
 loramerge prepare    convert the embedded model and train the default adapters (cached)
 loramerge merge      merge local adapters into a PEFT adapter directory, offline
 loramerge diagnose   interference diagnostics of local adapters
+loramerge eval       measure merge quality on the default tasks (docs/quality.md)
+loramerge tune       merge, then distill the merge on unlabeled prompts
 loramerge keys       create, list and revoke API keys
 
 On a running server (loramerge_client): generate, tenants, adapters, remote-merge.
@@ -33,11 +35,12 @@ from loramerge.merge_engine import (
     pool_diagnostics,
     save_adapter,
 )
+from loramerge.merge_engine.methods.parameters import PARAMETERS
 from loramerge_client.cli import add_parser as add_remote_commands
 from loramerge_client.cli import parse_pairs as _pairs
 from loramerge_client.cli import parse_preference as _weights
 
-from . import keys_cli
+from . import keys_cli, quality_cli
 from .config import load_settings
 from .errors import ServerError
 
@@ -131,7 +134,12 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _diagnose(args: argparse.Namespace) -> int:
     pool = _pool(args)
-    output: dict[str, Any] = {"pool": asdict(pool_diagnostics(pool))}
+    diagnostics = pool_diagnostics(pool)
+    output: dict[str, Any] = {"pool": asdict(diagnostics)}
+    if args.plot is not None:
+        from .diagnostics_plot import write_plots
+
+        output["plots"] = [str(path) for path in write_plots(diagnostics, args.plot)]
     if not args.per_module:
         output["pool"].pop("modules")
     if args.preference:
@@ -153,6 +161,9 @@ def _methods(args: argparse.Namespace) -> int:
         defaults = {f.name: f.default for f in fields(method.params_type)}
         print(f"{name:16} {method.summary}")
         print(f"{'':16} {kind}; parameters (None = published default): {defaults}")
+    print("\nparameters:")
+    for name, meaning in PARAMETERS.items():
+        print(f"  {name:14} {meaning}")
     return 0
 
 
@@ -204,11 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose = commands.add_parser("diagnose", help="interference diagnostics of adapters")
     _add_merge_options(diagnose)
     diagnose.add_argument("--per-module", action="store_true", help="include every module")
+    diagnose.add_argument("--plot", type=Path, metavar="DIR", help="draw the Pico §3 figures")
     diagnose.set_defaults(run=_diagnose)
 
     methods = commands.add_parser("methods", help="list the merge methods and their parameters")
     methods.set_defaults(run=_methods)
-
+    quality_cli.add_parser(commands)
     keys_cli.add_parser(commands)
     add_remote_commands(commands)
     return parser

@@ -154,7 +154,8 @@ class MergeSettings(_Section):
 class StoreSettings(_Section):
     url: str = Field(
         "sqlite:///~/.local/share/loramerge/loramerge.db",
-        description="Tenant store: sqlite:///path (PostgreSQL arrives with a later release).",
+        description="Tenant store: sqlite:///path (one replica) or postgresql://user@host/db "
+        "(shared by replicas; see docs/deploy.md).",
     )
 
 

@@ -64,3 +64,7 @@ class EngineUnavailableError(ServerError):
 
 class ConfigError(ServerError):
     """The configuration file, an environment override or a flag is invalid."""
+
+
+class StoreUnavailableError(ServerError):
+    """The tenant store (a database server) cannot be reached: retry later."""

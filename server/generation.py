@@ -189,8 +189,8 @@ class Generator:
         )
         if size > limit:
             raise InvalidRequestError(
-                field, f"{size} bytes cannot fit the {self._max_model_len}-token context "
-                f"(limit {limit} bytes)",
+                field, f"{size} bytes cannot fit the context length {self._max_model_len} "
+                f"(at most {limit} bytes are read)",
             )  # fmt: skip
 
     def _prompt(

@@ -103,6 +103,7 @@ STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (errors.OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (errors.StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
 
 

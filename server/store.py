@@ -1,10 +1,10 @@
 """Persistence of tenants (versioned) and API-registered adapters.
 
-`Store` is the narrow interface the servicers use; `SqliteStore` implements it on one SQLite file.
-A PostgreSQL backend will implement the same protocol, so the SQL below sticks to what both
-dialects accept (no UPSERT, no RETURNING, no SQLite-only types); the comments mark the few places
-where PostgreSQL needs a different statement. Inputs are validated before they reach the store:
-it stores what it is given.
+`Store` is the narrow interface the servicers use. `SqlStore` implements it once, in SQL that
+SQLite and PostgreSQL both accept (no UPSERT, no RETURNING, no dialect-only types), over a small
+`Database` layer that says how to connect, begin a transaction and spell a placeholder:
+`SqliteStore` (one file, this module) and `PostgresStore` (`store_postgres.py`, shared by
+replicas). Inputs are validated before they reach the store: it stores what it is given.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,21 +87,27 @@ class Store(Protocol):
 
 
 SQLITE_SCHEME = "sqlite"
+POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
 def open_store(url_or_path: str) -> Store:
-    """The store a configuration names: `sqlite:///abs/path.db` (`sqlite:///~/x.db` is under the
-    home directory) or a plain file path. Other schemes raise `ConfigError`."""
+    """The store a configuration names: `postgresql://user@host:port/db` (libpq URL; replicas
+    share it), `sqlite:///abs/path.db` (`sqlite:///~/x.db` is under the home directory) or a
+    plain file path. Other schemes raise `ConfigError`."""
     scheme, separator, rest = url_or_path.partition("://")
     if not separator:
         if not url_or_path.strip():
             raise ConfigError("the store URL is empty", "store.url")
         return SqliteStore(Path(url_or_path).expanduser())
     # Only the scheme goes into messages: a database URL may carry a password.
+    if scheme.lower() in POSTGRES_SCHEMES:
+        from .store_postgres import PostgresStore
+
+        return PostgresStore(url_or_path)
     if scheme.lower() != SQLITE_SCHEME:
         raise ConfigError(
-            f"unsupported store scheme {scheme!r}; supported: 'sqlite:///absolute/path.db' "
-            "or a plain file path",
+            f"unsupported store scheme {scheme!r}; supported: 'sqlite:///absolute/path.db', "
+            "a plain file path or 'postgresql://user@host:port/database'",
             "store.url",
         )
     if not rest.startswith("/") or rest == "/":
@@ -113,26 +119,69 @@ def open_store(url_or_path: str) -> Store:
     return SqliteStore(path)
 
 
+# --- the database layer -------------------------------------------------------------------------
+
+
+class Cursor(Protocol):
+    """What `SqlStore` reads from a statement's result (DB-API 2.0)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Database(Protocol):
+    """One connection to one database, in the shape `SqlStore` uses: statements with `?`
+    placeholders, and explicit transactions. Implementations raise `ConfigError` when they cannot
+    open the database and `StoreUnavailableError` when it goes away later."""
+
+    name: str
+    """How messages name the database (a path, or a URL without its password)."""
+    key_type: str
+    """Column type of text keys, compared and ordered byte by byte (as SQLite's TEXT is)."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor: ...
+
+    def begin(self, write: bool) -> None:
+        """Start a transaction. A write transaction excludes every other writer of the same
+        database (other connections and processes too) until it ends, so that a writer never
+        reads a version that another writer is about to take; a read transaction sees one
+        snapshot."""
+        ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None:
+        """End the current transaction, if any, without its changes."""
+        ...
+
+    def close(self) -> None: ...
+
+
 # --- schema -------------------------------------------------------------------------------------
 
-_Migration = Callable[[sqlite3.Connection], None]
+_Migration = Callable[[Database], None]
 
 
-def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
-    # `tenants` holds one row per live tenant and its latest version: the row a writer checks
-    # (and, in PostgreSQL, locks with SELECT ... FOR UPDATE); `tenant_versions` is the history.
-    conn.execute(
-        """
+def _migrate_0_to_1(db: Database) -> None:
+    # `tenants` holds one row per live tenant and its latest version: the row a writer checks;
+    # `tenant_versions` is the history.
+    db.execute(
+        f"""
         CREATE TABLE tenants (
-            tenant_id TEXT PRIMARY KEY,
+            tenant_id {db.key_type} PRIMARY KEY,
             latest_version INTEGER NOT NULL
         )
         """
     )
-    conn.execute(
-        """
+    db.execute(
+        f"""
         CREATE TABLE tenant_versions (
-            tenant_id TEXT NOT NULL REFERENCES tenants (tenant_id) ON DELETE CASCADE,
+            tenant_id {db.key_type} NOT NULL
+                REFERENCES tenants (tenant_id) ON DELETE CASCADE,
             version INTEGER NOT NULL,
             preference TEXT NOT NULL,  -- JSON object: adapter name -> weight
             merge TEXT NOT NULL,       -- JSON: MergeChoice.to_json()
@@ -141,10 +190,10 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
         )
         """
     )
-    conn.execute(
-        """
+    db.execute(
+        f"""
         CREATE TABLE adapters (
-            name TEXT PRIMARY KEY,
+            name {db.key_type} PRIMARY KEY,
             path TEXT NOT NULL,
             registered_at TEXT NOT NULL  -- ISO 8601, UTC offset included
         )
@@ -152,13 +201,13 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
     )
 
 
-def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+def _migrate_1_to_2(db: Database) -> None:
     # API keys: only a slow salted hash of the secret is stored (server/auth.py). Booleans are
     # INTEGER 0/1 and times ISO 8601 TEXT, which SQLite and PostgreSQL both accept.
-    conn.execute(
-        """
+    db.execute(
+        f"""
         CREATE TABLE api_keys (
-            key_id TEXT PRIMARY KEY,
+            key_id {db.key_type} PRIMARY KEY,
             secret_hash TEXT NOT NULL,
             role TEXT NOT NULL CHECK (role IN ('admin', 'tenant')),
             tenant_id TEXT,               -- NULL for admin keys
@@ -176,45 +225,29 @@ _MIGRATIONS: tuple[_Migration, ...] = (_migrate_0_to_1, _migrate_1_to_2)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
-# --- SQLite -------------------------------------------------------------------------------------
+# --- the store ----------------------------------------------------------------------------------
 
 
-class SqliteStore:
-    """`Store` on one SQLite file (WAL journal, foreign keys on, synchronous=NORMAL).
+class SqlStore:
+    """`Store` over one `Database` connection.
 
     Thread safety: one connection guarded by a lock. Every operation is a few indexed
-    statements on a local file (well under a millisecond), so serialising them costs nothing
-    next to a merge, and a single connection is closed deterministically by `close()`, unlike
-    per-thread connections that outlive the executor's threads. Writes still run in
-    `BEGIN IMMEDIATE` transactions, which take SQLite's write lock up front, so writers in other
-    connections or processes on the same file (a second replica, the CLI) serialise too and
-    never read a version that another writer is about to take.
+    statements (well under a millisecond locally), so serialising them costs nothing next to a
+    merge, and a single connection is closed deterministically by `close()`, unlike per-thread
+    connections that outlive the executor's threads. Writers in other connections or processes
+    (a second replica, the CLI) are excluded by the database's write transactions
+    (`Database.begin(write=True)`). The schema is migrated on open, inside a write transaction,
+    so replicas starting together migrate once.
     """
 
-    def __init__(self, path: Path, busy_timeout_seconds: float = 5.0) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, db: Database) -> None:
+        self._db = db
         self._lock = threading.Lock()
-        # isolation_level=None: no implicit transactions; this class issues BEGIN/COMMIT itself.
-        self._conn = sqlite3.connect(
-            path, timeout=busy_timeout_seconds, isolation_level=None, check_same_thread=False
-        )
         try:
-            self._configure()
             self._migrate()
-        except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"
-            self._conn.close()
-            raise ConfigError(f"cannot open the store {str(path)!r}: {exc}") from exc
         except BaseException:
-            self._conn.close()
+            db.close()
             raise
-
-    def _configure(self) -> None:
-        (mode,) = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
-        if str(mode).lower() != "wal":  # e.g. a file system without shared memory
-            logger.warning("store %s: WAL journal unavailable, using %s", self.path, mode)
-        self._conn.execute("PRAGMA foreign_keys = ON")
-        self._conn.execute("PRAGMA synchronous = NORMAL")
 
     def _migrate(self) -> None:
         with self._write() as conn:
@@ -226,12 +259,14 @@ class SqliteStore:
             current = 0 if row is None else int(row[0])
             if current > SCHEMA_VERSION:
                 raise ConfigError(
-                    f"the store {str(self.path)!r} has schema version {current}, but this "
+                    f"the store {self._db.name!r} has schema version {current}, but this "
                     f"loramerge only knows versions up to {SCHEMA_VERSION}; upgrade loramerge "
                     "or point it at another store"
                 )
             for version in range(current, SCHEMA_VERSION):
-                logger.info("store %s: migrating schema %d -> %d", self.path, version, version + 1)
+                logger.info(
+                    "store %s: migrating schema %d -> %d", self._db.name, version, version + 1
+                )
                 _MIGRATIONS[version](conn)
             if row is None:
                 conn.execute(
@@ -243,27 +278,26 @@ class SqliteStore:
                 )
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> Iterator[Database]:
         """One write transaction: committed on success, rolled back on any exception."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            self._db.begin(write=True)
             try:
-                yield self._conn
-                self._conn.execute("COMMIT")
+                yield self._db
+                self._db.commit()
             except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
+                self._db.rollback()
                 raise
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def _read(self) -> Iterator[Database]:
         """One read transaction, so that several statements see one snapshot."""
         with self._lock:
-            self._conn.execute("BEGIN")
+            self._db.begin(write=False)
             try:
-                yield self._conn
+                yield self._db
             finally:
-                self._conn.execute("COMMIT")
+                self._db.rollback()  # nothing to keep; ends the snapshot
 
     # --- tenants ---
 
@@ -331,14 +365,14 @@ class SqliteStore:
         return _tenant(*row)
 
     @staticmethod
-    def _tenant_exists(conn: sqlite3.Connection, tenant_id: str) -> bool:
+    def _tenant_exists(conn: Database, tenant_id: str) -> bool:
         query = "SELECT 1 FROM tenants WHERE tenant_id = ?"
         return conn.execute(query, (tenant_id,)).fetchone() is not None
 
     def list_tenants(self, limit: int, after: str | None = None) -> list[TenantRecord]:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
-        # Ordering by TEXT is byte order in SQLite; PostgreSQL needs COLLATE "C" to match.
+        # Byte order in both dialects: the key columns are declared with `Database.key_type`.
         with self._read() as conn:
             rows = conn.execute(
                 f"{_SELECT_LATEST} WHERE t.tenant_id > ? ORDER BY t.tenant_id LIMIT ?",
@@ -432,7 +466,7 @@ class SqliteStore:
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            self._db.close()
 
 
 _KEY_COLUMNS = "key_id, secret_hash, role, tenant_id, allow_inline, created_at, revoked_at"
@@ -482,3 +516,56 @@ def _tenant(
         version=int(version),
         updated_at=datetime.fromisoformat(updated_at),
     )
+
+
+# --- SQLite -------------------------------------------------------------------------------------
+
+
+class SqliteDatabase:
+    """`Database` on one SQLite file: WAL journal, foreign keys on, synchronous=NORMAL. Write
+    transactions are `BEGIN IMMEDIATE`, which takes SQLite's write lock up front."""
+
+    key_type = "TEXT"  # SQLite compares TEXT byte by byte (BINARY collation)
+
+    def __init__(self, path: Path, busy_timeout_seconds: float = 5.0) -> None:
+        self.name = str(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: no implicit transactions; begin/commit are explicit.
+        self._conn = sqlite3.connect(
+            path, timeout=busy_timeout_seconds, isolation_level=None, check_same_thread=False
+        )
+        try:
+            (mode,) = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            if str(mode).lower() != "wal":  # e.g. a file system without shared memory
+                logger.warning("store %s: WAL journal unavailable, using %s", path, mode)
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"
+            self._conn.close()
+            raise ConfigError(f"cannot open the store {self.name!r}: {exc}") from exc
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        return self._conn.execute(sql, params)
+
+    def begin(self, write: bool) -> None:
+        self.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    def commit(self) -> None:
+        self.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class SqliteStore(SqlStore):
+    """`Store` on one SQLite file (see `SqliteDatabase`). Other processes may open the same
+    file; a second host may not (SQLite over a network file system loses locks): replicas share
+    a `PostgresStore` instead."""
+
+    def __init__(self, path: Path, busy_timeout_seconds: float = 5.0) -> None:
+        self.path = path
+        super().__init__(SqliteDatabase(path, busy_timeout_seconds))

@@ -11,22 +11,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from loramerge.merge_engine import LoraAdapter, MergedDiagnostics, PoolDiagnostics
 from loramerge.merge_engine.diagnostics import ModuleDiagnostics, SpectrumStats, Summary
+from loramerge.merge_engine.methods.parameters import PARAMETERS
 from loramerge.v1 import adapters_pb2, inference_pb2, merge_pb2, merges_pb2, tenants_pb2
 
 from .domain import MergeChoice, TenantRecord
 from .errors import InvalidRequestError, shown
 from .versions import Version
 
-_PARAMETERS = (
-    "scaling",
-    "density",
-    "drop_rate",
-    "majority_sign",
-    "seed",
-    "inner",
-    "branch_rank",
-    "mix",
-)
+_PARAMETERS = tuple(PARAMETERS)
 MAX_PREFERENCE_ENTRIES = 64
 MAX_NAME = 64  # method names and string parameters
 MAX_PARAMETER = 1e3  # |scaling|, |mix|, ...: larger only overflows the merge

@@ -28,7 +28,6 @@ class TaskSet:
     b: tuple[torch.Tensor, ...]  # per task: [G, out, r_t]
     a: tuple[torch.Tensor, ...]  # per task: [G, r_t, in]
     rho: torch.Tensor  # [n] preference restricted to these tasks, sums to 1
-    pool_size: int  # N, the number of adapters in the pool
 
     @property
     def out_features(self) -> int:
@@ -39,12 +38,18 @@ class TaskSet:
         return int(self.a[0].shape[2])
 
     @property
+    def count(self) -> int:
+        """N, the number of adapters merged (those with ρ_t > 0), not the pool size."""
+        return len(self.names)
+
+    @property
     def total_rank(self) -> int:
         return sum(int(a.shape[1]) for a in self.a)
 
     def weights(self, scaling: float) -> torch.Tensor:
-        """Task weights λ_t = λ · N · ρ_t (uniform ρ gives every task λ). → [n]"""
-        return scaling * self.pool_size * self.rho
+        """Task weights λ_t = λ · N · ρ_t with N the number of merged adapters (uniform ρ gives
+        every task λ; a zero-weight adapter in the pool changes nothing). → [n]"""
+        return scaling * self.count * self.rho
 
     def dense(self) -> torch.Tensor:
         """The dense task updates. → [G, n, out, in] (only for methods that need them)."""

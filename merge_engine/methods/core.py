@@ -9,22 +9,24 @@ a = a_core V_A. Core-space TA equals full-space TA exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
 from ..errors import InvalidParameterError
-from ..linalg import LowRank
+from ..linalg import LowRank, tall_svd
 from ..sparsify import MajoritySign
 from .base import MergeMethod, MethodParams, TaskSet, check_choice
-from .full_space import DareLinear, DareTies, Ties
-from .ta import TaskArithmetic
-from .tsvm import Tsvm
 
 InnerRule = Literal["ta", "ties", "tsvm", "dare_linear", "dare_ties"]
-_INNER: dict[str, MergeMethod[Any]] = {
-    m.name: m for m in (TaskArithmetic(), Ties(), Tsvm(), DareLinear(), DareTies())
-}
+INNER_RULES: tuple[str, ...] = get_args(InnerRule)
+
+
+def inner_method(name: str) -> MergeMethod[Any]:
+    """The registered method that `core` applies in its space (the one registry)."""
+    from .registry import METHODS  # the registry lists `core` itself: resolved at call time
+
+    return METHODS.get(name)
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class CoreParams(MethodParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("inner", self.inner, tuple(_INNER))
+        check_choice("inner", self.inner, INNER_RULES)
         self.inner_params()  # validate the combination now, not at merge time
 
     def inner_params(self) -> MethodParams:
@@ -53,7 +55,7 @@ class CoreParams(MethodParams):
         }
         values = {name: value for name, value in given.items() if value is not None}
         try:
-            params: MethodParams = _INNER[self.inner].parse_params(values)
+            params: MethodParams = inner_method(self.inner).parse_params(values)
         except InvalidParameterError as err:
             raise InvalidParameterError(
                 err.field, f"{err} (core with inner={self.inner!r})"
@@ -64,11 +66,9 @@ class CoreParams(MethodParams):
 def core_bases(tasks: TaskSet) -> tuple[torch.Tensor, torch.Tensor]:
     """U_B [G, out, p] (left singular vectors of B_cat) and V_A [G, p', in] (right singular
     vectors of A_cat, as rows), both from QR + SVD of small cores."""
-    qb, rb = torch.linalg.qr(torch.cat(tasks.b, dim=-1))
-    u_small, _, _ = torch.linalg.svd(rb, full_matrices=False)
-    qa, ra = torch.linalg.qr(torch.cat(tasks.a, dim=-2).mT)
-    _, _, vh_small = torch.linalg.svd(ra.mT, full_matrices=False)
-    return qb @ u_small, (qa @ vh_small.mT).mT
+    u_b, _, _ = tall_svd(torch.cat(tasks.b, dim=-1))
+    v_a, _, _ = tall_svd(torch.cat(tasks.a, dim=-2).mT)
+    return u_b, v_a.mT
 
 
 class Core(MergeMethod[CoreParams]):
@@ -83,5 +83,5 @@ class Core(MergeMethod[CoreParams]):
             b=tuple(u_b.mT @ b for b in tasks.b), a=tuple(a @ v_a.mT for a in tasks.a)
         )
         full_rank = min(int(u_b.shape[-1]), int(v_a.shape[-2]))
-        merged = _INNER[params.inner].merge(core_tasks, params.inner_params(), full_rank)
+        merged = inner_method(params.inner).merge(core_tasks, params.inner_params(), full_rank)
         return merged.with_factors(u_b @ merged.b, merged.a @ v_a)

@@ -26,7 +26,7 @@ class _FullSpace(MergeMethod[ElementwiseParams]):
     default_scaling_is_mean = False  # True: default λ = 1/N (a weighted average)
 
     def merge(self, tasks: TaskSet, params: ElementwiseParams, target_rank: int) -> LowRank:
-        default = 1.0 / tasks.pool_size if self.default_scaling_is_mean else 1.0
+        default = 1.0 / tasks.count if self.default_scaling_is_mean else 1.0
         scaling = params.resolved_scaling(default)
         per_module = len(tasks.names) * tasks.out_features * tasks.in_features
         step = max(1, DENSE_CHUNK_ELEMENTS // per_module)

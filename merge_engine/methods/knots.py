@@ -2,8 +2,8 @@
 
 [ΔW_1 | … | ΔW_n] (concatenated along the input axis) = U Σ [V_1ᵀ … V_nᵀ]; per task
 X_t = Σ V_tᵀ so that U X_t = ΔW_t exactly. TIES or DARE-TIES merge the X_t (R × in, not
-out × in); the result is the exact LoRA b = U, a = X_merged. Computed on the factors: QR of
-B_cat and of each (s_t A_t)ᵀ, SVD of the R × R core RB · blockdiag(RA_tᵀ).
+out × in); the result is the exact LoRA b = U, a = X_merged. Computed on the factors as the
+factored SVD of B_cat · blockdiag(s_1 A_1, …, s_n A_n).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import ClassVar, TypeVar
 
 import torch
 
-from ..linalg import LowRank, rank_tolerance
+from ..linalg import LowRank, block_diagonal, factored_svd, rank_tolerance
 from .base import MergeMethod, TaskSet
 from .rules import DareTiesParams, ElementwiseRule, TiesParams, merge_elementwise
 
@@ -23,22 +23,11 @@ def shared_basis(tasks: TaskSet) -> tuple[torch.Tensor, torch.Tensor]:
 
     Components with σ below the relative tolerance are zeroed (they carry no energy).
     """
-    qb, rb = torch.linalg.qr(torch.cat(tasks.b, dim=-1))  # [G, out, p], [G, p, R]
-    blocks, bases, start = [], [], 0
-    for a in tasks.a:
-        rank = int(a.shape[-2])
-        qa, ra = torch.linalg.qr(a.mT)  # [G, in, p_t], [G, p_t, r_t]
-        blocks.append(rb[..., start : start + rank] @ ra.mT)  # [G, p, p_t]
-        bases.append(qa)
-        start += rank
-    um, s, vmh = torch.linalg.svd(torch.cat(blocks, dim=-1), full_matrices=False)
+    u, s, v = factored_svd(torch.cat(tasks.b, dim=-1), block_diagonal(tasks.a))
     s = s * (s > rank_tolerance(s.dtype) * s[..., :1])
-    coefficients, start = [], 0
-    for qa in bases:
-        width = int(qa.shape[-1])
-        coefficients.append(s[..., None] * (vmh[..., start : start + width] @ qa.mT))
-        start += width
-    return qb @ um, torch.stack(coefficients, dim=1)
+    x = s[..., None] * v.mT  # [G, q, n·in]
+    x = x.reshape(*x.shape[:-1], len(tasks.a), -1)  # [G, q, n, in]
+    return u, x.movedim(-2, 1)
 
 
 def merge_in_shared_basis(tasks: TaskSet, rule: ElementwiseRule, scaling: float) -> LowRank:

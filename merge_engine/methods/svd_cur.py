@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import LowRank, frobenius_sq, rank_tolerance
+from ..linalg import LowRank, block_diagonal, frobenius_sq, rank_tolerance
 from .base import MergeMethod, TaskSet, check_fraction, check_positive_int
 from .knots import shared_basis
 from .rules import TiesParams, merge_elementwise
@@ -51,13 +51,7 @@ def cur_columns(tasks: TaskSet, count: int) -> torch.Tensor:
     norms and columns come from R-sized vectors, never from the dense updates.
     """
     b_cat = torch.cat(tasks.b, dim=-1)  # [G, out, R]
-    blocks = torch.block_diag(*[torch.ones(a.shape[-2:]) for a in tasks.a]).bool()  # type: ignore[no-untyped-call]
-    coefficients = torch.zeros(
-        b_cat.shape[0], *blocks.shape, dtype=b_cat.dtype, device=b_cat.device
-    )  # [G, R, n·in]
-    coefficients[:, blocks.to(b_cat.device)] = torch.cat(
-        [a.flatten(start_dim=1) for a in tasks.a], dim=1
-    )
+    coefficients = block_diagonal(tasks.a)  # [G, R, n·in]
     gram = b_cat.mT @ b_cat  # [G, R, R]
     norms = ((gram @ coefficients) * coefficients).sum(dim=-2)  # [G, n·in] squared norms
     top = norms.topk(min(count, int(norms.shape[-1])), dim=-1).indices  # [G, c]

@@ -29,5 +29,5 @@ class TaskArithmetic(MergeMethod[TaskArithmeticParams]):
     params_type = TaskArithmeticParams
 
     def merge(self, tasks: TaskSet, params: TaskArithmeticParams, target_rank: int) -> LowRank:
-        scaling = params.resolved_scaling(1.0 / tasks.pool_size)
+        scaling = params.resolved_scaling(1.0 / tasks.count)
         return task_arithmetic(tasks, tasks.weights(scaling))

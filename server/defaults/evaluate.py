@@ -6,11 +6,13 @@ generated greedily with transformers in batches: at base-model speed, unlike vLL
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from .tasks import Task
 from .train import TRAIN_SEED, chat_prompt
@@ -43,9 +45,11 @@ def generate_answers(
     model_dir: Path,
     prompts: list[str],
     max_new_tokens: int = MAX_NEW_TOKENS,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
-    """Greedy answers of `model` to user `prompts` (chat template applied), in batches."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    """Greedy answers of `model` to user `prompts` (chat template applied), in batches;
+    `progress(done, total)` after each batch."""
+    tokenizer = left_padded_tokenizer(model_dir)
     answers: list[str] = []
     for start in range(0, len(prompts), BATCH_SIZE):
         texts = [chat_prompt(tokenizer, prompt) for prompt in prompts[start : start + BATCH_SIZE]]
@@ -60,7 +64,18 @@ def generate_answers(
         answers += tokenizer.batch_decode(
             generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
         )
+        if progress is not None:
+            progress(len(answers), len(prompts))
     return answers
+
+
+@functools.cache
+def left_padded_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of `model_dir`, padding on the left for batched generation (loaded once)."""
+    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+        model_dir, padding_side="left"
+    )
+    return tokenizer
 
 
 def load_model(

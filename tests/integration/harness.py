@@ -88,6 +88,7 @@ class ServerProcess:
     process: subprocess.Popen[bytes] | None = None
     api_key: str | None = None  # sent by `channel()` and the start-up probe
     startup: list[tuple[float, str]] = field(default_factory=list)  # (seconds, observation)
+    start_timeout: float = START_TIMEOUT  # seconds until every service must be SERVING
 
     @property
     def address(self) -> str:
@@ -143,7 +144,7 @@ class ServerProcess:
                 request_serializer=inference_pb2.GenerateRequest.SerializeToString,
                 response_deserializer=inference_pb2.GenerateResponse.FromString,
             )
-            while time.monotonic() - began < START_TIMEOUT:
+            while time.monotonic() - began < self.start_timeout:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"server exited early; log:\n{self.log_tail()}")
                 try:
@@ -164,7 +165,9 @@ class ServerProcess:
                 except grpc.RpcError as error:
                     self.startup.append((seconds, f"Generate {error.code().name}"))
                 time.sleep(1)
-        raise RuntimeError(f"server not SERVING after {START_TIMEOUT} s; log:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"server not SERVING after {self.start_timeout} s; log:\n{self.log_tail()}"
+        )
 
     def stop(self) -> int:
         """SIGTERM, then wait; returns the exit code."""

@@ -117,8 +117,14 @@ def core_space(bs: list[Tensor], scaled_as: list[Tensor]) -> tuple[Tensor, Tenso
 
 
 def svd_cur(
-    deltas: list[Tensor], rho: list[float], scaling: float, density: float, count: int
+    deltas: list[Tensor],
+    rho: list[float],
+    scaling: float,
+    density: float,
+    count: int,
+    mix: float | None,
 ) -> Tensor:
+    """α = `mix`, or eq. 33's residual rule when `mix` is None."""
     total = sum(float((d**2).sum()) for d in deltas)
     u, xs = knots_space(deltas)
     u, xs = u[:, :count], [x[:count] for x in xs]
@@ -140,7 +146,8 @@ def svd_cur(
     residual_cur = total - sum(float((x**2).sum()) for x in xs_cur)
 
     m_svd, m_cur = max(residual_svd, 0) ** 0.5, max(residual_cur, 0) ** 0.5
-    alpha = m_svd / (m_svd + m_cur) if m_svd + m_cur > 0 else 0.5
+    residual_rule = m_svd / (m_svd + m_cur) if m_svd + m_cur > 0 else 0.5
+    alpha = mix if mix is not None else residual_rule
     return alpha * merged_svd + (1 - alpha) * merged_cur
 
 

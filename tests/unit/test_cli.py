@@ -58,3 +58,12 @@ def test_methods_lists_every_method_with_its_defaults(capsys: pytest.CaptureFixt
     for name in ("ta", "ties", "dare_linear", "dare_ties", "tsvm", "knots_ties", "core", "svd_cur"):
         assert f"\n{name} " in f"\n{text}"
     assert "'density': 0.2" in text and "dense, then SVD truncation" in text
+
+
+def test_diagnose_plot_draws_the_pico_figures(
+    adapter_args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["diagnose", *adapter_args, "--plot", str(tmp_path / "figures")]) == 0
+    plots = [Path(p) for p in json.loads(capsys.readouterr().out)["plots"]]
+    assert {p.name for p in plots} == {"overlap.png", "effective_rank.png", "shared_energy.png"}
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots)

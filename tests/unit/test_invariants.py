@@ -99,20 +99,14 @@ def test_zero_weight_adapters_take_no_part(tmp_path: Path) -> None:
     ]
     small = AdapterPool.load(paths[:2])
     large = AdapterPool.load(paths)
-    # λ_t = λ·N·ρ_t: the defaults of ta and dare_linear (λ = 1/N) keep λ·N = 1; for tsvm
-    # keep λ·N fixed by hand.
-    cases = [
-        ("ta", {}, {}),
-        ("dare_linear", {}, {}),
-        ("tsvm", {"scaling": 1.0}, {"scaling": 2 / 3}),
-    ]
-    for method, params_small, params_large in cases:
-        left = merge(small, {"a": 1, "b": 2}, MergeSpec(method, params_small), dtype="float64")
-        right = merge(
-            large, {"a": 1, "b": 2, "c": 0}, MergeSpec(method, params_large), dtype="float64"
-        )
-        for module in small.module_names:
-            assert relative(delta(right.modules[module]), delta(left.modules[module])) < 1e-10
+    for method in ("ta", "dare_linear", "tsvm", "ties", "knots_ties", "svd_cur", "core"):
+        for pico in (False, True):
+            spec = MergeSpec(method, pico=pico)
+            left = merge(small, {"a": 1, "b": 2}, spec, dtype="float64")
+            right = merge(large, {"a": 1, "b": 2, "c": 0}, spec, dtype="float64")
+            for module in small.module_names:
+                error = relative(delta(right.modules[module]), delta(left.modules[module]))
+                assert error < 1e-10, (method, pico, module)
 
 
 def test_rank_cap_truncates_and_reports_energy(pool3: AdapterPool) -> None:

@@ -11,9 +11,11 @@ import torch
 import reference as ref
 from factories import random_factors, write_adapter
 from loramerge.merge_engine import AdapterPool, MergeSpec, merge
+from loramerge.merge_engine.methods.svd_cur import SvdCurParams
 
 Tensor = torch.Tensor
 PREFERENCE = {"code": 2.0, "finance": 0.0, "math": 1.0, "medical": 1.5}
+SVD_CUR_MIX = SvdCurParams().mix
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,8 @@ def core_rule(inner: Callable[[list[Tensor], list[str], str], Tensor]) -> Rule:
 
 
 def reference_rules(pool: AdapterPool) -> dict[str, tuple[dict[str, object], Rule]]:
-    rho, n = rho_active(pool), len(pool)
+    rho = rho_active(pool)
+    n = len(rho)  # the merged adapters (ρ_t > 0), not the pool size
 
     def elementwise(taus: list[Tensor], names: list[str], module: str, **kw: object) -> Tensor:
         kind, scaling = kw["kind"], float(kw["scaling"])  # type: ignore[arg-type]
@@ -118,8 +121,12 @@ def reference_rules(pool: AdapterPool) -> dict[str, tuple[dict[str, object], Rul
             core_rule(lambda c, nm, m: elementwise(c, nm, m, kind="dare_ties", scaling=1.0)),
         ),
         "svd_cur": (
+            {"density": 0.6, "mix": None},
+            lambda t, nm, m, b, a: ref.svd_cur(t, rho, 0.5, 0.6, 5, None),
+        ),
+        "svd_cur_mix": (
             {"density": 0.6},
-            lambda t, nm, m, b, a: ref.svd_cur(t, rho, 0.5, 0.6, 5),
+            lambda t, nm, m, b, a: ref.svd_cur(t, rho, 0.5, 0.6, 5, SVD_CUR_MIX),
         ),
     }
 
@@ -128,6 +135,7 @@ DENSE = {"ties", "dare_linear", "dare_ties"}
 CASES = [
     "ta", "ta_scaled", "ties", "dare_linear", "dare_ties", "tsvm", "knots_ties",
     "knots_dare_ties", "core", "core_ties", "core_tsvm", "core_dare_ties", "svd_cur",
+    "svd_cur_mix",
 ]  # fmt: skip
 
 
@@ -136,6 +144,7 @@ CASES = [
 def test_method_matches_dense_fp64_reference(pool: AdapterPool, case: str, pico: bool) -> None:
     params, rule = reference_rules(pool)[case]
     method = case.split("_")[0] if case.startswith("core") else case.removesuffix("_scaled")
+    method = method.removesuffix("_mix")
     result = merge(
         pool,
         PREFERENCE,

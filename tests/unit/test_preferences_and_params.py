@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +93,20 @@ def test_registry_rejects_duplicate_names() -> None:
 
     with pytest.raises(ValueError, match="registered twice"):
         MethodRegistry([TaskArithmetic(), TaskArithmetic()])
+
+
+def test_one_parameter_table_for_methods_proto_and_docs() -> None:
+    """PARAMETERS = the union of the methods' parameter fields = the proto's MergeParameters,
+    and docs/methods.md names each one."""
+    from loramerge.merge_engine.methods.parameters import PARAMETERS
+    from loramerge.v1 import merge_pb2
+
+    fields = {
+        f.name
+        for name in METHODS.names()
+        for f in dataclasses.fields(METHODS.get(name).params_type)
+    }
+    assert set(PARAMETERS) == fields
+    assert set(PARAMETERS) == set(merge_pb2.MergeParameters.DESCRIPTOR.fields_by_name)
+    docs = (Path(__file__).parents[2] / "docs" / "methods.md").read_text()
+    assert all(f"`{name}`" in docs for name in PARAMETERS)

@@ -1,15 +1,19 @@
-"""The SQLite store on real files: versioned tenants, pagination, preconditions, restarts,
-concurrent writers, registered adapters and the schema version."""
+"""The store on both backends, each real: SQLite on files and PostgreSQL on a server started
+for the session (tests/conftest.py). Versioned tenants, pagination, preconditions, restarts,
+concurrent writers (two connections), registered adapters and the schema version."""
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from loramerge.server.domain import MergeChoice
@@ -19,10 +23,23 @@ from loramerge.server.errors import (
     ConflictError,
     InvalidRequestError,
     NotFoundError,
+    StoreUnavailableError,
 )
-from loramerge.server.store import SCHEMA_VERSION, SqliteStore, open_store
+from loramerge.server.store import SCHEMA_VERSION, SqliteStore, SqlStore, open_store
+from loramerge.server.store_postgres import PostgresStore
+from pgserver import PostgresServer
 
 TIES = MergeChoice(method="ties", pico=True, params={"density": 0.5}, rank=8)
+
+
+@dataclass
+class Backend:
+    """One database of one backend: `open()` gives a new store (a new connection) on it,
+    `run()` executes SQL on it directly, `name` is how messages name it."""
+
+    name: str
+    open: Callable[[], SqlStore]
+    run: Callable[[str], None]
 
 
 @pytest.fixture
@@ -30,14 +47,41 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "state" / "loramerge.db"  # the parent does not exist yet
 
 
+def _sqlite_run(path: Path) -> Callable[[str], None]:
+    def run(sql: str) -> None:
+        conn = sqlite3.connect(path)
+        with conn:
+            conn.execute(sql)
+        conn.close()
+
+    return run
+
+
+def _postgres_run(url: str) -> Callable[[str], None]:
+    def run(sql: str) -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql)
+
+    return run
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, db: Path) -> Backend:
+    if request.param == "sqlite":
+        return Backend(str(db), lambda: open_store(f"sqlite://{db}"), _sqlite_run(db))
+    postgres: PostgresServer = request.getfixturevalue("postgres")
+    url = postgres.create_database()
+    return Backend(url, lambda: open_store(url), _postgres_run(url))
+
+
 @pytest.fixture
-def store(db: Path) -> Iterator[SqliteStore]:
-    opened = SqliteStore(db)
+def store(backend: Backend) -> Iterator[SqlStore]:
+    opened = backend.open()
     yield opened
     opened.close()
 
 
-def test_every_set_is_a_new_version_and_history_stays_readable(store: SqliteStore) -> None:
+def test_every_set_is_a_new_version_and_history_stays_readable(store: SqlStore) -> None:
     first = store.set_tenant("acme", {"code": 1.0}, MergeChoice())
     second = store.set_tenant("acme", {"code": 0.25, "math": 0.75}, TIES)
     store.set_tenant("globex", {"math": 1.0}, MergeChoice())  # versions are per tenant
@@ -52,7 +96,7 @@ def test_every_set_is_a_new_version_and_history_stays_readable(store: SqliteStor
     assert first.updated_at <= second.updated_at
 
 
-def test_missing_tenant_or_version_names_the_field(store: SqliteStore) -> None:
+def test_missing_tenant_or_version_names_the_field(store: SqlStore) -> None:
     with pytest.raises(NotFoundError) as absent:
         store.get_tenant("nobody")
     assert absent.value.field == "tenant_id"
@@ -67,7 +111,7 @@ def test_missing_tenant_or_version_names_the_field(store: SqliteStore) -> None:
         assert missing.value.field == "version"
 
 
-def test_invalid_tenant_id_is_not_stored(store: SqliteStore) -> None:
+def test_invalid_tenant_id_is_not_stored(store: SqlStore) -> None:
     with pytest.raises(InvalidRequestError) as invalid:
         store.set_tenant("no spaces", {"code": 1.0}, MergeChoice())
     assert invalid.value.field == "tenant_id"
@@ -75,7 +119,7 @@ def test_invalid_tenant_id_is_not_stored(store: SqliteStore) -> None:
 
 
 def test_list_gives_latest_versions_ordered_by_id_and_pages_with_after(
-    store: SqliteStore,
+    store: SqlStore,
 ) -> None:
     for tenant_id in ["delta", "bravo", "alpha", "charlie"]:
         store.set_tenant(tenant_id, {"code": 1.0}, MergeChoice())
@@ -95,7 +139,7 @@ def test_list_gives_latest_versions_ordered_by_id_and_pages_with_after(
 
 
 def test_delete_removes_history_and_a_new_tenant_starts_at_version_1(
-    store: SqliteStore,
+    store: SqlStore,
 ) -> None:
     for weight in (1.0, 2.0, 3.0):
         store.set_tenant("acme", {"code": weight}, MergeChoice())
@@ -116,7 +160,7 @@ def test_delete_removes_history_and_a_new_tenant_starts_at_version_1(
     assert absent.value.field == "tenant_id"
 
 
-def test_expected_version_is_a_precondition(store: SqliteStore) -> None:
+def test_expected_version_is_a_precondition(store: SqlStore) -> None:
     assert store.set_tenant("acme", {"code": 1.0}, MergeChoice(), expected_version=0).version == 1
     with pytest.raises(ConflictError) as exists:
         store.set_tenant("acme", {"code": 2.0}, MergeChoice(), expected_version=0)
@@ -136,8 +180,8 @@ def test_expected_version_is_a_precondition(store: SqliteStore) -> None:
         store.get_tenant("globex")
 
 
-def test_tenants_and_adapters_survive_a_restart(db: Path, tmp_path: Path) -> None:
-    before = SqliteStore(db)
+def test_tenants_and_adapters_survive_a_restart(backend: Backend, tmp_path: Path) -> None:
+    before = backend.open()
     stored = [
         before.set_tenant("acme", {"code": 1.0}, MergeChoice()),
         before.set_tenant("acme", {"code": 0.5, "math": 0.5}, TIES),
@@ -145,7 +189,7 @@ def test_tenants_and_adapters_survive_a_restart(db: Path, tmp_path: Path) -> Non
     registered = before.add_adapter("legal", tmp_path / "adapters" / "legal")
     before.close()
 
-    after = SqliteStore(db)
+    after = backend.open()
     try:
         assert [after.get_tenant("acme", version=v) for v in (1, 2)] == stored
         assert after.list_adapters() == [registered]
@@ -154,11 +198,11 @@ def test_tenants_and_adapters_survive_a_restart(db: Path, tmp_path: Path) -> Non
         after.close()
 
 
-def test_concurrent_sets_get_consecutive_versions(db: Path) -> None:
-    """8 threads on two stores (two connections) on one file: the in-process lock and
-    BEGIN IMMEDIATE across connections both serialise the writers."""
+def test_concurrent_sets_get_consecutive_versions(backend: Backend) -> None:
+    """8 threads on two stores (two connections, as two replicas) on one database: the
+    in-process lock and the database's write transactions both serialise the writers."""
     threads, sets_each = 8, 50
-    stores = [SqliteStore(db), SqliteStore(db)]
+    stores = [backend.open(), backend.open()]
     start = threading.Barrier(threads)
 
     def writer(index: int) -> list[int]:
@@ -181,7 +225,7 @@ def test_concurrent_sets_get_consecutive_versions(db: Path) -> None:
             store.close()
 
 
-def test_adapters_are_added_listed_and_removed(store: SqliteStore, tmp_path: Path) -> None:
+def test_adapters_are_added_listed_and_removed(store: SqlStore, tmp_path: Path) -> None:
     store.add_adapter("math", tmp_path / "math")
     legal = store.add_adapter("legal", tmp_path / "legal")
     assert legal.path == tmp_path / "legal"
@@ -200,16 +244,14 @@ def test_adapters_are_added_listed_and_removed(store: SqliteStore, tmp_path: Pat
     assert absent.value.field == "name"
 
 
-def test_a_newer_schema_is_refused_naming_file_and_versions(db: Path) -> None:
-    SqliteStore(db).close()
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 98,))
-    conn.close()
+def test_a_newer_schema_is_refused_naming_store_and_versions(backend: Backend) -> None:
+    backend.open().close()
+    backend.run(f"UPDATE schema_version SET version = {SCHEMA_VERSION + 98}")
 
     with pytest.raises(ConfigError) as newer:
-        SqliteStore(db)
+        backend.open()
     message = str(newer.value)
-    assert str(db) in message
+    assert backend.name in message
     assert f"schema version {SCHEMA_VERSION + 98}" in message
     assert f"up to {SCHEMA_VERSION}" in message
 
@@ -221,13 +263,77 @@ def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
         SqliteStore(path)
 
 
-def test_journal_is_wal(store: SqliteStore, db: Path) -> None:
+def test_sqlite_journal_is_wal(db: Path) -> None:
+    SqliteStore(db).close()
     conn = sqlite3.connect(db)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     finally:
         conn.close()
+
+
+def test_ids_are_ordered_byte_by_byte_whatever_the_database_locale(store: SqlStore) -> None:
+    """The PostgreSQL test database collates by ICU en-US ('a' < 'B' there); pages must
+    still follow byte order, as SQLite's, or `after` would skip and repeat tenants."""
+    ids = ["a", "B", "_x", "Z9", "b.c", "A"]
+    for tenant_id in ids:
+        store.set_tenant(tenant_id, {"code": 1.0}, MergeChoice())
+    assert [t.tenant_id for t in store.list_tenants(limit=10)] == sorted(ids)
+    assert [t.tenant_id for t in store.list_tenants(limit=10, after="Z9")] == ["_x", "a", "b.c"]
+
+
+def test_postgres_reconnects_after_its_connection_is_cut(postgres: PostgresServer) -> None:
+    """A failover or restart cuts the connection; the next operation reconnects by itself."""
+    url = postgres.create_database()
+    store = PostgresStore(url)
+    try:
+        store.set_tenant("acme", {"code": 1.0}, MergeChoice())
+        database = url.rsplit("/", 1)[1]
+        with psycopg.connect(postgres.url(), autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (database,),
+            )
+        assert store.get_tenant("acme").version == 1
+        assert store.set_tenant("acme", {"code": 2.0}, MergeChoice()).version == 2
+    finally:
+        store.close()
+
+
+def test_an_unreachable_postgres_is_a_config_error_without_the_password() -> None:
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        with pytest.raises(ConfigError) as refused:
+            open_store(f"postgresql://loramerge:hunter2@127.0.0.1:{port}/loramerge")
+    assert refused.value.field == "store.url"
+    assert f"postgresql://loramerge@127.0.0.1:{port}/loramerge" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+
+
+def test_a_lost_postgres_is_unavailable_until_it_is_back(postgres: PostgresServer) -> None:
+    """While the database refuses connections, operations raise StoreUnavailableError (gRPC
+    UNAVAILABLE: clients retry) instead of a driver error; then the store recovers."""
+    url = postgres.create_database()
+    database = url.rsplit("/", 1)[1]
+    store = PostgresStore(url)
+    try:
+        store.set_tenant("acme", {"code": 1.0}, MergeChoice())
+        with psycopg.connect(postgres.url(), autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS false')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (database,),
+            )
+            with pytest.raises(StoreUnavailableError) as lost:
+                store.get_tenant("acme")
+            assert database in str(lost.value)
+            admin.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true')
+        assert store.get_tenant("acme").version == 1
+    finally:
+        store.close()
 
 
 def test_open_store_accepts_sqlite_urls_and_plain_paths(
@@ -246,13 +352,33 @@ def test_open_store_accepts_sqlite_urls_and_plain_paths(
 
 
 @pytest.mark.parametrize(
-    "spec",
-    ["postgresql://loramerge:hunter2@db/loramerge", "sqlite://relative.db", "sqlite:///", ""],
+    "spec", ["mysql://loramerge:hunter2@db/loramerge", "sqlite://relative.db", "sqlite:///", ""]
 )
 def test_open_store_refuses_other_urls(spec: str) -> None:
     with pytest.raises(ConfigError) as refused:
         open_store(spec)
     assert refused.value.field == "store.url"
     assert "hunter2" not in str(refused.value)  # URLs may carry passwords
-    if spec.startswith("postgresql"):
+    if spec.startswith("mysql"):
         assert "sqlite:///" in str(refused.value)
+        assert "postgresql://" in str(refused.value)
+
+
+def test_api_keys_round_trip_and_revoke(store: SqlStore) -> None:
+    from loramerge.server.auth import new_key
+
+    _, tenant_key = new_key("tenant", "acme", allow_inline=True)
+    _, admin_key = new_key("admin")
+    store.add_api_key(tenant_key)
+    store.add_api_key(admin_key)
+    assert store.get_api_key(tenant_key.key_id) == tenant_key
+    assert store.get_api_key("0" * 16) is None
+    with pytest.raises(AlreadyExistsError):
+        store.add_api_key(tenant_key)
+    revoked = store.revoke_api_key(tenant_key.key_id)
+    assert revoked.revoked_at is not None and revoked.tenant_id == "acme"
+    assert store.revoke_api_key(tenant_key.key_id).revoked_at == revoked.revoked_at  # idempotent
+    assert {k.key_id for k in store.list_api_keys()} == {tenant_key.key_id, admin_key.key_id}
+    with pytest.raises(NotFoundError) as missing:
+        store.revoke_api_key("f" * 16)
+    assert missing.value.field == "key_id"

@@ -102,8 +102,12 @@ def generate_request(
     return request
 
 
-def generation(response: inference_pb2.GenerateResponse) -> Generation:
-    return Generation(
+def generation(
+    response: inference_pb2.GenerateResponse | inference_pb2.GenerateStreamResponse,
+    kind: type[Generation] = Generation,
+) -> Generation:
+    """A `Generation` (or, with kind=GenerationChunk, a chunk) from either response."""
+    return kind(
         text=response.text,
         adapter_id=response.adapter_id,
         finish_reason=_FINISH.get(response.finish_reason, ""),
@@ -113,13 +117,9 @@ def generation(response: inference_pb2.GenerateResponse) -> Generation:
 
 
 def chunk(response: inference_pb2.GenerateStreamResponse) -> GenerationChunk:
-    return GenerationChunk(
-        text=response.text,
-        adapter_id=response.adapter_id,
-        finish_reason=_FINISH.get(response.finish_reason, ""),
-        prompt_tokens=response.prompt_tokens,
-        completion_tokens=response.completion_tokens,
-    )
+    result = generation(response, GenerationChunk)
+    assert isinstance(result, GenerationChunk)
+    return result
 
 
 def set_tenant_request(

@@ -272,9 +272,12 @@ class AsyncClient:
         )
         return convert.registered(response)
 
-    async def remove_adapter(self, name: str, *, timeout: float | None = None) -> str:
-        """Remove an adapter from the pool; returns the new pool's fingerprint."""
-        request = adapters_pb2.RemoveAdapterRequest(name=name)
+    async def remove_adapter(
+        self, name: str, *, force: bool = False, timeout: float | None = None
+    ) -> str:
+        """Remove an adapter from the pool; returns the new pool's fingerprint. Refused
+        (`FailedPrecondition`) while stored tenants give it a weight, unless `force`."""
+        request = adapters_pb2.RemoveAdapterRequest(name=name, force=force)
         response = await self._unary(
             self._adapters.RemoveAdapter, request, timeout=timeout, retry=False
         )

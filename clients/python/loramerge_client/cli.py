@@ -267,7 +267,7 @@ def _adapters(args: argparse.Namespace) -> int:
                 print(f"warning: {warning}", file=sys.stderr)
             print(f"pool {registered.pool_fingerprint}")
         elif args.action == "remove":
-            fingerprint = client.remove_adapter(args.name)
+            fingerprint = client.remove_adapter(args.name, force=args.force)
             if args.json:
                 _json({"removed": args.name, "pool_fingerprint": fingerprint})
             else:
@@ -399,6 +399,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     actions.add_parser("list", parents=[connection], help="the pool's adapters")
     remove = actions.add_parser("remove", parents=[connection], help="remove an adapter")
     remove.add_argument("name")
+    remove.add_argument(
+        "--force", action="store_true", help="even while stored tenants give it a weight"
+    )
     diagnostics = actions.add_parser(
         "diagnostics",
         parents=[connection, preference, merge],

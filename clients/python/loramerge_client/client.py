@@ -267,9 +267,12 @@ class Client:
         )
         return convert.registered(response)
 
-    def remove_adapter(self, name: str, *, timeout: float | None = None) -> str:
-        """Remove an adapter from the pool; returns the new pool's fingerprint."""
-        request = adapters_pb2.RemoveAdapterRequest(name=name)
+    def remove_adapter(
+        self, name: str, *, force: bool = False, timeout: float | None = None
+    ) -> str:
+        """Remove an adapter from the pool; returns the new pool's fingerprint. Refused
+        (`FailedPrecondition`) while stored tenants give it a weight, unless `force`."""
+        request = adapters_pb2.RemoveAdapterRequest(name=name, force=force)
         response = self._unary(self._adapters.RemoveAdapter, request, timeout=timeout, retry=False)
         return str(response.pool_fingerprint)
 

@@ -60,15 +60,9 @@ class Generation:
 
 
 @dataclass(frozen=True)
-class GenerationChunk:
-    """A streamed piece: `text` is the delta since the previous chunk; `finish_reason` is set
-    ("stop", "length", "abort") on the last chunk only, else ""; token counts are totals."""
-
-    text: str
-    adapter_id: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
+class GenerationChunk(Generation):
+    """A streamed piece, with the same fields: `text` is the delta since the previous chunk;
+    `finish_reason` is set on the last chunk only (else ""); token counts are totals."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,368 @@
+"""Merge quality on the default tasks: score variants, choose parameters on validation, report.
+
+A variant is the base model, one adapter alone, a merge (method, parameters, Pico, SVC) of the
+pool for a uniform preference, or a tuned adapter from a directory. It is scored by folding its
+update into the base weights (`FoldedModel`) and generating greedy answers to held-out prompts
+of every default task. Per-item results are cached as JSON under a key of everything that
+determines them, so reruns only score what changed.
+
+Splits: parameters are chosen on the validation seed, the table reports the test seed (the
+issue's 1234); neither is the training seed of the adapters or the seed of the prompts that
+tuning uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from loramerge.merge_engine import AdapterPool, LoraModule, MergeSpec, load_adapter, merge
+
+from .evaluate import left_padded_tokenizer
+from .folded import FoldedModel
+from .forced import exact_match
+from .tasks import TASKS
+
+VALIDATION_SEED = 1001
+TEST_SEED = 1234
+BOOTSTRAP_SAMPLES = 2000
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+@dataclass(frozen=True)
+class Split:
+    """`n` prompts per default task drawn with `seed`."""
+
+    name: Literal["validation", "test"]
+    seed: int
+    n: int
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What is scored. `source` says which other fields apply."""
+
+    label: str
+    source: Literal["base", "adapter", "merge", "tuned"]
+    adapter: str | None = None  # adapter: its name in the pool
+    method: str | None = None  # merge: the method and its parameters
+    params: tuple[tuple[str, Any], ...] = ()
+    pico: bool = False
+    svc: bool = False
+    path: str | None = None  # tuned: a PEFT adapter directory
+
+    def spec(self) -> MergeSpec:
+        assert self.method is not None
+        return MergeSpec(self.method, dict(self.params), pico=self.pico, svc=self.svc)
+
+    def with_params(self, **values: Any) -> Variant:
+        merged = dict(self.params) | values
+        return dataclasses.replace(self, params=tuple(sorted(merged.items())))
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-task item results (True = correct) of one variant on one split."""
+
+    variant: Variant
+    split: Split
+    items: Mapping[str, tuple[bool, ...]]
+
+    def accuracy(self, task: str) -> float:
+        values = self.items[task]
+        return sum(values) / len(values)
+
+
+class Scorer:
+    """Scores variants on splits with one folded model, caching item results in `cache_dir`."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        pool: AdapterPool,
+        cache_dir: Path,
+        progress: Progress | None = None,
+    ) -> None:
+        self.model_dir = model_dir
+        self.pool = pool
+        self.cache_dir = cache_dir
+        self.progress = progress
+        self._model: FoldedModel | None = None
+
+    def score(self, variant: Variant, split: Split) -> Scores:
+        path = self.cache_dir / split.name / f"{self._key(variant, split)}.json"
+        if path.is_file():
+            items = json.loads(path.read_text())["items"]
+            return Scores(variant, split, {t: tuple(v) for t, v in items.items()})
+        items = self._evaluate(self.updates(variant), split, variant.label)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"variant": dataclasses.asdict(variant), "split": dataclasses.asdict(split)}
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({**record, "items": items}))
+        temporary.replace(path)
+        return Scores(variant, split, {t: tuple(v) for t, v in items.items()})
+
+    def updates(self, variant: Variant) -> Mapping[str, LoraModule]:
+        """The LoRA modules `variant` adds to the base model (none for the base)."""
+        if variant.source == "base":
+            return {}
+        if variant.source == "adapter":
+            assert variant.adapter is not None
+            return self.pool.adapter(variant.adapter).modules
+        if variant.source == "tuned":
+            assert variant.path is not None
+            return load_adapter(Path(variant.path)).modules
+        uniform = {name: 1.0 for name in self.pool.names}
+        return merge(self.pool, uniform, variant.spec(), device="cpu").modules
+
+    def _key(self, variant: Variant, split: Split) -> str:
+        content = dataclasses.asdict(variant)
+        content.pop("label")
+        if variant.source == "tuned":
+            assert variant.path is not None
+            content["path"] = load_adapter(Path(variant.path)).fingerprint
+        else:
+            content["pool"] = self.pool.fingerprint
+        content.update(split=dataclasses.asdict(split), model=self.model_dir.name)
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
+
+    def _evaluate(
+        self, updates: Mapping[str, LoraModule], split: Split, label: str
+    ) -> dict[str, list[bool]]:
+        if self._model is None:
+            self._model = FoldedModel(self.model_dir)
+        self._model.fold(updates)
+        examples = {task.name: task.examples(split.seed, split.n) for task in TASKS}
+        hits = exact_match(
+            self._model.model,
+            left_padded_tokenizer(self.model_dir),
+            [e.prompt for task in TASKS for e in examples[task.name]],
+            [e.answer for task in TASKS for e in examples[task.name]],
+            progress=None if self.progress is None else _bound(self.progress, label),
+        )
+        return {
+            task.name: hits[index * split.n : (index + 1) * split.n]
+            for index, task in enumerate(TASKS)
+        }
+
+
+def _bound(progress: Progress, label: str) -> Callable[[int, int], None]:
+    return lambda done, total: progress(label, done, total)
+
+
+# ----------------------------------------------------------------------------- what is scored
+
+
+METHOD_CONFIGS: tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...] = (
+    ("ta", "ta", ()),
+    ("ties", "ties", ()),
+    ("dare_linear", "dare_linear", ()),
+    ("dare_ties", "dare_ties", ()),
+    ("tsvm", "tsvm", ()),
+    ("knots_ties", "knots_ties", ()),
+    ("knots_dare_ties", "knots_dare_ties", ()),
+    ("core[ta]", "core", (("inner", "ta"),)),
+    ("core[ties]", "core", (("inner", "ties"),)),
+    ("core[tsvm]", "core", (("inner", "tsvm"),)),
+    ("core[dare_linear]", "core", (("inner", "dare_linear"),)),
+    ("core[dare_ties]", "core", (("inner", "dare_ties"),)),
+    ("svd_cur", "svd_cur", ()),
+)
+"""(row name, method, fixed parameters) of every merge the table lists."""
+
+SVC_METHODS = ("ta", "ties", "tsvm", "knots_ties")
+"""Rows that also get SVC (without Pico, whose compensation would undo SVC's rescaling)."""
+
+# λ candidates: rules that sum (λ_t = λ·N·ρ_t, so λ = 1/N is the average, 1 the sum) and rules
+# that take a (disjoint) mean. The method's default is always a candidate too.
+SUM_GRID = (0.25, 0.5, 1.0)
+MEAN_GRID = (0.5, 1.0, 2.0)
+MIX_GRID = (None, 0.5, 0.65, 0.8)  # svd_cur α: eq. 33's rule or a fixed weight
+_SUMMING = {"ta", "dare_linear", "tsvm"}
+
+
+def base_variants(pool: AdapterPool) -> list[Variant]:
+    return [
+        Variant("base model", "base"),
+        *(Variant(f"adapter {name} alone", "adapter", adapter=name) for name in pool.names),
+    ]
+
+
+def merge_variants() -> list[Variant]:
+    """Every method without and with Pico, plus SVC rows, at their default parameters."""
+    variants = []
+    for row, method, fixed in METHOD_CONFIGS:
+        for pico in (False, True):
+            label = f"{row} + pico" if pico else row
+            variants.append(Variant(label, "merge", method=method, params=fixed, pico=pico))
+        if row in SVC_METHODS:
+            variants.append(Variant(f"{row} + svc", "merge", method=method, params=fixed, svc=True))
+    return variants
+
+
+def candidates(variant: Variant) -> list[Variant]:
+    """Parameter settings of `variant` tried on validation.
+
+    With Pico, energy compensation rescales every module to the preference-weighted norm of the
+    adapters, so λ cancels and only non-scale parameters (svd_cur's α) are swept.
+    """
+    assert variant.method is not None
+    if variant.method == "svd_cur":
+        return [variant.with_params(mix=mix) for mix in MIX_GRID]
+    if variant.pico:
+        return [variant]
+    inner = dict(variant.params).get("inner", variant.method)
+    grid = SUM_GRID if inner in _SUMMING else MEAN_GRID
+    return [variant] + [variant.with_params(scaling=value) for value in grid]
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: test accuracy per task and the normalised average, with 95%
+    intervals, and the parameters chosen on validation."""
+
+    variant: Variant
+    accuracy: Mapping[str, float]
+    interval: Mapping[str, tuple[float, float]]
+    normalised: float
+    normalised_interval: tuple[float, float]
+    gain_share: float  # (acc − base) / (own − base), averaged over tasks
+    validation_normalised: float | None = None
+    tried: tuple[tuple[str, float], ...] = field(default=())  # (parameters, validation score)
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def normalised(scores: Scores, own: Mapping[str, Scores]) -> float:
+    """Mean over tasks of accuracy / the task's own adapter's accuracy (same items)."""
+    ratios = [scores.accuracy(t) / max(own[t].accuracy(t), 1e-9) for t in scores.items]
+    return sum(ratios) / len(ratios)
+
+
+def gain_share(scores: Scores, own: Mapping[str, Scores], base: Scores) -> float:
+    shares = [
+        (scores.accuracy(t) - base.accuracy(t)) / max(own[t].accuracy(t) - base.accuracy(t), 1e-9)
+        for t in scores.items
+    ]
+    return sum(shares) / len(shares)
+
+
+def normalised_interval(
+    scores: Scores, own: Mapping[str, Scores], samples: int = BOOTSTRAP_SAMPLES
+) -> tuple[float, float]:
+    """95% paired bootstrap interval of `normalised`: items are resampled per task, the same
+    resample for the variant and the task's own adapter."""
+    rng = random.Random(0)
+    values = []
+    for _ in range(samples):
+        ratios = []
+        for task, items in scores.items.items():
+            reference = own[task].items[task]
+            picks = [rng.randrange(len(items)) for _ in items]
+            hits = sum(items[i] for i in picks)
+            ratios.append(hits / max(sum(reference[i] for i in picks), 1))
+        values.append(sum(ratios) / len(ratios))
+    values.sort()
+    return values[int(0.025 * samples)], values[int(0.975 * samples) - 1]
+
+
+def make_row(
+    scores: Scores,
+    own: Mapping[str, Scores],
+    base: Scores,
+    validation: float | None = None,
+    tried: Sequence[tuple[str, float]] = (),
+) -> Row:
+    return Row(
+        variant=scores.variant,
+        accuracy={t: scores.accuracy(t) for t in scores.items},
+        interval={t: wilson(sum(v), len(v)) for t, v in scores.items.items()},
+        normalised=normalised(scores, own),
+        normalised_interval=normalised_interval(scores, own),
+        gain_share=gain_share(scores, own, base),
+        validation_normalised=validation,
+        tried=tuple(tried),
+    )
+
+
+def describe_params(variant: Variant) -> str:
+    fixed = {"inner"}
+    shown = [f"{k}={v}" for k, v in variant.params if k not in fixed]
+    return ", ".join(shown) or "defaults"
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Table:
+    validation: Split
+    test: Split
+    base: Row
+    adapters: tuple[Row, ...]
+    merges: tuple[Row, ...]
+    tuned: tuple[Row, ...]
+
+    def best(self) -> Row:
+        return max((*self.merges, *self.tuned), key=lambda row: row.normalised)
+
+
+def build_table(
+    scorer: Scorer,
+    validation: Split,
+    test: Split,
+    merges: Iterable[Variant],
+    tuned: Iterable[Variant] = (),
+) -> Table:
+    """Score everything: own adapters and base on both splits, each merge's candidates on
+    validation (the best by normalised accuracy wins; the default on ties), the winner on test."""
+    fixed = base_variants(scorer.pool)
+    on_validation = {v.label: scorer.score(v, validation) for v in fixed}
+    on_test = {v.label: scorer.score(v, test) for v in fixed}
+    own_validation = {t: on_validation[f"adapter {t} alone"] for t in scorer.pool.names}
+    own_test = {t: on_test[f"adapter {t} alone"] for t in scorer.pool.names}
+    base = on_test["base model"]
+
+    merge_rows = []
+    for variant in merges:
+        tried = []
+        for candidate in candidates(variant):
+            value = normalised(scorer.score(candidate, validation), own_validation)
+            tried.append((candidate, value))
+        chosen, value = max(tried, key=lambda pair: pair[1])  # first (default) wins ties
+        merge_rows.append(
+            make_row(
+                scorer.score(chosen, test),
+                own_test,
+                base,
+                validation=value,
+                tried=[(describe_params(c), v) for c, v in tried],
+            )
+        )
+    tuned_rows = [make_row(scorer.score(v, test), own_test, base) for v in tuned]
+    return Table(
+        validation=validation,
+        test=test,
+        base=make_row(base, own_test, base),
+        adapters=tuple(make_row(on_test[v.label], own_test, base) for v in fixed[1:]),
+        merges=tuple(merge_rows),
+        tuned=tuple(tuned_rows),
+    )

@@ -1,0 +1,246 @@
+"""`loramerge eval` (the measured merge-quality table) and `loramerge tune` (merge, then distill).
+
+eval   score the base model, each default adapter and every merge method without/with Pico (and
+       SVC) on the default tasks; parameters chosen on a validation split; writes the table into
+       docs/quality.md and a PNG next to it. Results are cached per variant.
+tune   merge local adapters, then train the merged factors on unlabeled prompts to match the
+       teacher adapters (`--objective distill`); writes a PEFT adapter and tune.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from loramerge.merge_engine import METHODS, AdapterPool, MergeSpec, save_adapter
+
+from .config import load_settings
+
+
+def add_parser(commands: Any) -> None:
+    """Register `eval` and `tune` on the `loramerge` subcommand parser."""
+    evaluate = commands.add_parser("eval", help="measure merge quality on the default tasks")
+    evaluate.add_argument("--config", type=Path, help="YAML config file (for cache_dir)")
+    evaluate.add_argument("--n", type=int, default=100, help="test items per task (≥ 100)")
+    evaluate.add_argument("--validation-n", type=int, default=40, help="validation items/task")
+    evaluate.add_argument(
+        "--methods", nargs="*", help="row names to score (default: all; e.g. ta 'core[tsvm]')"
+    )
+    evaluate.add_argument(
+        "--tuned", action="append", default=[], metavar="LABEL=DIR",
+        help="also score a tuned PEFT adapter directory as its own row",
+    )  # fmt: skip
+    evaluate.add_argument("--results", type=Path, help="cache of per-variant results")
+    evaluate.add_argument("--doc", type=Path, default=Path("docs/quality.md"))
+    evaluate.add_argument("--plot", type=Path, default=Path("docs/quality.png"))
+    evaluate.add_argument("--json", type=Path, help="also write the table as JSON here")
+    evaluate.set_defaults(run=_eval)
+
+    tune = commands.add_parser("tune", help="merge, then distill the merge on unlabeled prompts")
+    tune.add_argument(
+        "--adapter", action="append", default=[], metavar="NAME=DIR",
+        help="a teacher adapter (default: the prepared default pool)",
+    )  # fmt: skip
+    tune.add_argument("--preference", action="append", default=[], metavar="NAME=WEIGHT")
+    tune.add_argument("--prompts", type=Path, help="JSONL (prompt or messages) or text lines")
+    tune.add_argument(
+        "--task-prompts", type=int, metavar="N",
+        help="instead of --prompts: N unlabeled prompts per default task (seed 2002)",
+    )  # fmt: skip
+    tune.add_argument("--method", default="ta", choices=METHODS.names())
+    tune.add_argument("--pico", action=argparse.BooleanOptionalAction, default=False)
+    tune.add_argument("--objective", choices=["distill"], default="distill")
+    tune.add_argument("--weighting", choices=["confidence", "preference"], default="confidence")
+    tune.add_argument("--steps", type=int, default=200)
+    tune.add_argument("--batch-size", type=int, default=16)
+    tune.add_argument("--lr", type=float, default=1e-3)
+    tune.add_argument("--model", type=Path, help="base model directory (default: embedded)")
+    tune.add_argument("--config", type=Path, help="YAML config file (for cache_dir)")
+    tune.add_argument("--out", type=Path, required=True, help="new adapter directory")
+    tune.set_defaults(run=_tune)
+
+
+DISTILL_SEED = 2002
+"""Seed of the default tasks' unlabeled tuning prompts (not the training, validation or test
+seeds)."""
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from JSONL (`prompt`, or `messages` whose last user turn is taken) or plain
+    lines. Errors name the file and line."""
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        text = line.strip()
+        if not text:
+            continue
+        if not text.startswith("{"):
+            prompts.append(text)
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"loramerge tune: {path}:{number}: invalid JSON ({err.msg})") from None
+        prompts.append(_prompt_of(record, f"{path}:{number}"))
+    if not prompts:
+        raise SystemExit(f"loramerge tune: {path} holds no prompts")
+    return prompts
+
+
+def _prompt_of(record: Any, where: str) -> str:
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+        return str(record["prompt"])
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if isinstance(messages, list):
+        users = [
+            m["content"]
+            for m in messages
+            if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str)
+        ]
+        if users:
+            return str(users[-1])
+    raise SystemExit(f"loramerge tune: {where}: expected a 'prompt' string or user 'messages'")
+
+
+def _default_assets(config: Path | None) -> Any:
+    from .defaults import prepare_defaults
+
+    settings = load_settings(config)
+    return prepare_defaults(settings.cache_dir, progress=lambda line: print(line, file=sys.stderr))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .defaults.quality import (
+        TEST_SEED,
+        VALIDATION_SEED,
+        Scorer,
+        Split,
+        Variant,
+        build_table,
+        merge_variants,
+    )
+    from .defaults.quality_report import write_markdown, write_plot
+
+    assets = _default_assets(args.config)
+    pool = AdapterPool.load(assets.adapters)
+    results = args.results or assets.model_dir.parent.parent / "quality"
+    bars: dict[str, Any] = {}
+
+    def progress(label: str, done: int, total: int) -> None:
+        bar = bars.get(label)
+        if bar is None:
+            bar = bars[label] = tqdm(total=total, desc=label, unit="item", file=sys.stderr)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    scorer = Scorer(assets.model_dir, pool, results, progress)
+    variants = merge_variants()
+    if args.methods:
+        wanted = set(args.methods)
+        variants = [v for v in variants if v.label.split(" + ")[0] in wanted]
+    tuned = []
+    for item in args.tuned:
+        label, _, path = item.partition("=")
+        tuned.append(Variant(label, "tuned", path=path))
+    table = build_table(
+        scorer,
+        Split("validation", VALIDATION_SEED, args.validation_n),
+        Split("test", TEST_SEED, args.n),
+        variants,
+        tuned,
+    )
+    write_markdown(table, args.doc)
+    write_plot(table, args.plot)
+    if args.json:
+        args.json.write_text(json.dumps(_table_json(table), indent=2))
+    best = table.best()
+    print(f"best: {best.variant.label} normalised {best.normalised:.3f}; wrote {args.doc}")
+    return 0
+
+
+def _table_json(table: Any) -> dict[str, Any]:
+    return {
+        "validation": dataclasses.asdict(table.validation),
+        "test": dataclasses.asdict(table.test),
+        "rows": [
+            {
+                "label": row.variant.label,
+                "params": dict(row.variant.params),
+                "accuracy": dict(row.accuracy),
+                "normalised": row.normalised,
+                "normalised_interval": list(row.normalised_interval),
+                "gain_share": row.gain_share,
+                "validation_normalised": row.validation_normalised,
+                "tried": [list(pair) for pair in row.tried],
+            }
+            for row in (table.base, *table.adapters, *table.merges, *table.tuned)
+        ],
+    }
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .cli import _pairs, _weights
+    from .defaults.distill import DistillConfig, distill
+    from .defaults.tasks import TASKS
+
+    if args.adapter:
+        adapters = {name: Path(p) for name, p in _pairs(args.adapter, "--adapter").items()}
+        model_dir = args.model
+        if model_dir is None:
+            model_dir = _default_assets(args.config).model_dir
+    else:
+        assets = _default_assets(args.config)
+        adapters, model_dir = assets.adapters, args.model or assets.model_dir
+    if args.prompts is not None:
+        prompts = read_prompts(args.prompts)
+    elif args.task_prompts:
+        prompts = [e.prompt for t in TASKS for e in t.examples(DISTILL_SEED, args.task_prompts)]
+    else:
+        raise SystemExit("loramerge tune: give --prompts FILE or --task-prompts N")
+    pool = AdapterPool.load(adapters)
+    preference = _weights(args.preference) or {name: 1.0 for name in pool.names}
+    config = DistillConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        weighting=args.weighting,
+    )
+    with tqdm(total=args.steps, desc="distilling", unit="step", file=sys.stderr) as bar:
+
+        def step(done: int, total: int, loss: float) -> None:
+            bar.update(done - bar.n)
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+        result, losses = distill(
+            model_dir,
+            pool,
+            preference,
+            prompts,
+            MergeSpec(args.method, pico=args.pico),
+            config,
+            progress=lambda line: print(line, file=sys.stderr),
+            step_progress=step,
+        )
+    path = save_adapter(result, args.out)
+    summary = {
+        "path": str(path),
+        "objective": args.objective,
+        "init": {"method": args.method, "pico": args.pico},
+        "preference": dict(result.report.preference),
+        "prompts": len(prompts),
+        "config": dataclasses.asdict(config),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "losses": losses,
+    }
+    (path / "tune.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2, default=str))
+    return 0

@@ -1,0 +1,99 @@
+"""The tenant-scale benchmark's results: ratios, goals, the JSON file and the plot (no engine)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture
+def rep(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("tenant_scale_report")
+
+
+def run(rep: ModuleType, tokens_per_second: float, ttfts: list[float], **counters: Any) -> Any:
+    return rep.RunResult(
+        seconds=10.0,
+        tokens=int(tokens_per_second * 10),
+        ttfts=ttfts,
+        latencies=ttfts,
+        waits=[0.0] * len(ttfts),
+        **counters,
+    )
+
+
+def point(rep: ModuleType, tenants: int, ours: list[float], plain: list[float]) -> Any:
+    """Rounds with the given throughputs; loramerge's TTFTs are 1.5× plain's in every round."""
+    counters = {
+        "merges": 4.0,
+        "merged_hits": 6.0,
+        "merged_misses": 2.0,
+        "calibration_hits": 3.0,
+        "calibration_misses": 1.0,
+        "evictions": 1.0,
+        "merge_seconds": 0.1,
+        "export_seconds": 0.2,
+        "load_seconds": 0.3,
+        "evict_seconds": 0.4,
+    }
+    return rep.Point(
+        tenants,
+        8,
+        5,
+        {
+            "loramerge": [run(rep, t, [1.5, 3.0], **counters) for t in ours],
+            "plain": [run(rep, t, [1.0, 2.0]) for t in plain],
+            "base": [run(rep, 100.0, [0.5, 1.0]) for _ in plain],
+        },
+    )
+
+
+def test_percentile_is_nearest_rank(rep: ModuleType) -> None:
+    values = [float(v) for v in range(100, 0, -1)]
+    assert rep.percentile(values, 0.5) == 50.0
+    assert rep.percentile(values, 0.99) == 99.0
+    assert rep.percentile(values[:32], 0.99) == 100.0  # fewer than 100 values: the largest
+
+
+def test_ratio_is_the_median_of_per_round_ratios(rep: ModuleType) -> None:
+    p = point(rep, 8, ours=[9.0, 20.0, 10.0], plain=[10.0, 10.0, 10.0])
+    assert p.ratio("throughput") == pytest.approx(1.0)  # rounds: 0.9, 2.0, 1.0
+    assert p.ratio("ttft_p99") == pytest.approx(1.5)
+
+
+def test_tables_and_goals(rep: ModuleType) -> None:
+    low = point(rep, 8, ours=[10.0, 10.0], plain=[10.0, 10.0])
+    high = point(rep, 512, ours=[5.0, 5.0], plain=[10.0, 10.0])
+    serving = rep.serving_table([low, high]).splitlines()
+    assert len(serving) == 2 + 3 * 2  # header, rule, three systems per T
+    assert all(line.count("|") == serving[0].count("|") for line in serving)
+    assert "**0.50**" in serving[5]  # loramerge/plain throughput at T=512
+    internals = rep.loramerge_table([low, high]).splitlines()
+    assert "| 8 | 5 / 8 | 4 | 0.40 | 0.75 | 0.75 |" in internals[2]
+    goals = rep.goals([low, high]).splitlines()
+    assert "1.00× (met" in goals[0] and "1.50× (**missed**" in goals[0]
+    assert "0.50× (**missed**" in goals[1]
+    assert "at T=512 / T=8: 0.50× (**missed**" in goals[2]
+
+
+def test_results_round_trip_and_plot(rep: ModuleType, tmp_path: Path) -> None:
+    args = type("Args", (), dict(requests=8, tokens=4, concurrency=2, rounds=2, seed=0))()
+    results = rep.Results()
+    for tenants in (64, 8):
+        results.points[tenants] = point(rep, tenants, [9.0, 11.0], [10.0, 10.0]).to_json(args)
+    path = tmp_path / "results.json"
+    rep.save_results(path, results)
+    loaded = rep.load_results(path)
+    assert sorted(loaded.points) == [8, 64]
+    again = rep.Point.from_json(loaded.points[8])
+    assert again == rep.Point.from_json(results.points[8])
+    plot = tmp_path / "plot.png"
+    rep.report(loaded, plot)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
