@@ -21,7 +21,6 @@ import pytest
 
 pytestmark = pytest.mark.image
 ROOT = Path(__file__).resolve().parents[2]
-DEBIAN_MIRROR = "http://deb.debian.org/debian"
 PIP_KEYS = ("find-links", "extra-index-url", "index-url", "cert")
 
 
@@ -33,6 +32,24 @@ def _run(command: list[str], timings: dict[str, float], step: str, **kwargs: obj
         f"{shlex.join(command)}:\n{result.stdout[-4000:]}{result.stderr[-4000:]}"
     )
     return str(result.stdout)
+
+
+def _debian_source() -> tuple[str, str]:
+    """(suite, mirror URI) of this machine's own Debian packages, as apt is set up here."""
+    lines = Path("/etc/os-release").read_text().splitlines()
+    release = dict(line.split("=", 1) for line in lines if "=" in line)
+    suite = release["VERSION_CODENAME"].strip('"')
+    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for source in sources:
+        if not source.is_file() or not source.name.endswith((".list", ".sources")):
+            continue
+        for line in source.read_text().splitlines():
+            words = line.split()
+            if words[:1] == ["URIs:"] or words[:1] == ["deb"]:
+                uri = next(word for word in words[1:] if "://" in word)
+                if uri.rstrip("/").endswith("/debian"):
+                    return suite, uri
+    pytest.fail("no Debian package source in /etc/apt: debootstrap needs one")
 
 
 def _pip_config() -> dict[str, str]:
@@ -79,9 +96,10 @@ def test_cpu_image_builds_and_its_test_stage_passes(workdir: Path) -> None:
     env = {**os.environ, "CONTAINERS_CONF": str(conf)}
     podman = ["podman", "--root", str(workdir / "storage"), "--runroot", str(workdir / "run")]
     rootfs = workdir / "rootfs"
+    suite, mirror = _debian_source()
     _run(
         ["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
-         "bookworm", str(rootfs), DEBIAN_MIRROR],
+         suite, str(rootfs), mirror],
         timings, "debootstrap",
     )  # fmt: skip
     base = "localhost/loramerge-test-base:bookworm"
@@ -125,11 +143,14 @@ def test_cpu_image_builds_and_its_test_stage_passes(workdir: Path) -> None:
         for absent in ("peft", "gguf", "accelerate", "reasoning_gym"):
             assert not (site / absent).exists(), absent
         assert not (mounted / "usr/bin/gcc").exists()
+        # As in the pod, where the root file system is read-only: the writable places are the
+        # user's own directories (and /tmp, an emptyDir there).
         help_text = _run(
             [shutil.which("chroot") or "/usr/sbin/chroot", "--userspec=10001:10001",
              str(mounted), "/opt/loramerge/bin/loramerge", "--help"],
             timings, "chroot",
-            env={"PATH": "/opt/loramerge/bin:/usr/bin:/bin", "HOME": "/var/lib/loramerge"},
+            env={"PATH": "/opt/loramerge/bin:/usr/bin:/bin", "HOME": "/var/lib/loramerge",
+                 "TMPDIR": "/var/cache/loramerge"},
         )  # fmt: skip
         assert "serve" in help_text
     finally:
