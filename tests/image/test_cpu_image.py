@@ -143,15 +143,20 @@ def test_cpu_image_builds_and_its_test_stage_passes(workdir: Path) -> None:
         for absent in ("peft", "gguf", "accelerate", "reasoning_gym"):
             assert not (site / absent).exists(), absent
         assert not (mounted / "usr/bin/gcc").exists()
-        # As in the pod, where the root file system is read-only: the writable places are the
-        # user's own directories (and /tmp, an emptyDir there).
-        help_text = _run(
-            [shutil.which("chroot") or "/usr/sbin/chroot", "--userspec=10001:10001",
-             str(mounted), "/opt/loramerge/bin/loramerge", "--help"],
-            timings, "chroot",
-            env={"PATH": "/opt/loramerge/bin:/usr/bin:/bin", "HOME": "/var/lib/loramerge",
-                 "TMPDIR": "/var/cache/loramerge"},
-        )  # fmt: skip
+        # As in the pod: the image is read-only (so is `podman image mount`) and /tmp is a
+        # memory-backed emptyDir there, a tmpfs here.
+        scratch = mounted / "tmp"
+        _run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=1777", "tmpfs", str(scratch)],
+             timings, "tmpfs")  # fmt: skip
+        try:
+            help_text = _run(
+                [shutil.which("chroot") or "/usr/sbin/chroot", "--userspec=10001:10001",
+                 str(mounted), "/opt/loramerge/bin/loramerge", "--help"],
+                timings, "chroot",
+                env={"PATH": "/opt/loramerge/bin:/usr/bin:/bin", "HOME": "/var/lib/loramerge"},
+            )  # fmt: skip
+        finally:
+            subprocess.run(["umount", str(scratch)], check=False)
         assert "serve" in help_text
     finally:
         subprocess.run([*podman, "image", "unmount", "localhost/loramerge:cpu-test"], env=env)
