@@ -43,8 +43,9 @@ def replicas(
     postgres: PostgresServer, default_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[ServerProcess]]:
     """Two servers sharing one PostgreSQL database, started together: the embedded base model
-    without adapters (routing and the store need none) and small KV caches (two engines on one
-    machine)."""
+    without adapters (routing and the store need none), each with the default 1 GiB KV cache on
+    the CPU (a fraction of memory, as `gpu_memory_utilization`, must also fit the weights, which
+    are float32 where the CPU has no native bfloat16)."""
     model = ensure_default_model(default_cache_dir, progress=print)
     url = postgres.create_database()
     servers = []
@@ -57,7 +58,6 @@ def replicas(
                     "engine": {
                         "model": str(model),
                         "max_model_len": 256,
-                        "gpu_memory_utilization": 0.05,
                     },
                     "adapters": {"use_default_pool": False},
                     "metrics": {"tenant_labels": True},
