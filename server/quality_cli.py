@@ -64,11 +64,6 @@ def add_parser(commands: Any) -> None:
     tune.set_defaults(run=_tune)
 
 
-DISTILL_SEED = 2002
-"""Seed of the default tasks' unlabeled tuning prompts (not the training, validation or test
-seeds)."""
-
-
 def read_prompts(path: Path) -> list[str]:
     """Prompts from JSONL (`prompt`, or `messages` whose last user turn is taken) or plain
     lines. Errors name the file and line."""
@@ -189,7 +184,7 @@ def _tune(args: argparse.Namespace) -> int:
 
     from .cli import _pairs, _weights
     from .defaults.distill import DistillConfig, distill
-    from .defaults.tasks import TASKS
+    from .defaults.tasks import CALIBRATION_SEED, TASKS
 
     if args.adapter:
         adapters = {name: Path(p) for name, p in _pairs(args.adapter, "--adapter").items()}
@@ -202,7 +197,7 @@ def _tune(args: argparse.Namespace) -> int:
     if args.prompts is not None:
         prompts = read_prompts(args.prompts)
     elif args.task_prompts:
-        prompts = [e.prompt for t in TASKS for e in t.examples(DISTILL_SEED, args.task_prompts)]
+        prompts = [e.prompt for t in TASKS for e in t.examples(CALIBRATION_SEED, args.task_prompts)]
     else:
         raise SystemExit("loramerge tune: give --prompts FILE or --task-prompts N")
     pool = AdapterPool.load(adapters)

@@ -174,6 +174,7 @@ METHOD_CONFIGS: tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...] = (
     ("core[dare_linear]", "core", (("inner", "dare_linear"),)),
     ("core[dare_ties]", "core", (("inner", "dare_ties"),)),
     ("svd_cur", "svd_cur", ()),
+    ("regmean", "regmean", ()),
 )
 """(row name, method, fixed parameters) of every merge the table lists."""
 
@@ -185,6 +186,7 @@ SVC_METHODS = ("ta", "ties", "tsvm", "knots_ties")
 SUM_GRID = (0.25, 0.5, 1.0)
 MEAN_GRID = (0.5, 1.0, 2.0)
 MIX_GRID = (None, 0.5, 0.65, 0.8)  # svd_cur α: eq. 33's rule or a fixed weight
+OFF_DIAGONAL_GRID = (0.3, 0.5, 0.7, 0.9, 1.0)  # regmean α
 _SUMMING = {"ta", "dare_linear", "tsvm"}
 
 
@@ -216,6 +218,8 @@ def candidates(variant: Variant) -> list[Variant]:
     assert variant.method is not None
     if variant.method == "svd_cur":
         return [variant.with_params(mix=mix) for mix in MIX_GRID]
+    if variant.method == "regmean":  # λ = 1 is the regression solution; α sets its conditioning
+        return [variant] + [variant.with_params(off_diagonal=a) for a in OFF_DIAGONAL_GRID]
     if variant.pico:
         return [variant]
     inner = dict(variant.params).get("inner", variant.method)

@@ -8,14 +8,14 @@ from datetime import datetime
 from typing import Any, TypeAlias
 
 PARAMETERS = ("scaling", "density", "drop_rate", "majority_sign", "seed", "inner", "branch_rank",
-              "mix")  # fmt: skip
+              "mix", "off_diagonal")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class MergeOptions:
     """How to merge the pool; every field is optional (unset: the tenant's value, then the
     server's default). `parameters` holds the method's parameters by name: scaling, density,
-    drop_rate, majority_sign, seed, inner, branch_rank, mix."""
+    drop_rate, majority_sign, seed, inner, branch_rank, mix, off_diagonal."""
 
     method: str | None = None
     pico: bool | None = None
