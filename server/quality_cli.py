@@ -38,6 +38,15 @@ def add_parser(commands: Any) -> None:
     evaluate.add_argument("--doc", type=Path, default=Path("docs/quality.md"))
     evaluate.add_argument("--plot", type=Path, default=Path("docs/quality.png"))
     evaluate.add_argument("--json", type=Path, help="also write the table as JSON here")
+    evaluate.add_argument(
+        "--sweep", action="store_true",
+        help="also sweep λ/α per method over every pool subset of 2..N adapters (validation)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--check-vllm", type=int, default=2, metavar="K",
+        help="per variant, serve its adapter with vLLM and compare the greedy answers of the "
+        "first K test items per task with the folded model's (0: skip)",
+    )  # fmt: skip
     evaluate.set_defaults(run=_eval)
 
     tune = commands.add_parser("tune", help="merge, then distill the merge on unlabeled prompts")
@@ -111,15 +120,25 @@ def _eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .defaults.quality import (
+        SWEEP_METHODS,
         TEST_SEED,
         VALIDATION_SEED,
         Scorer,
         Split,
         Variant,
         build_table,
+        check_table,
         merge_variants,
+        pool_size_sweep,
     )
-    from .defaults.quality_report import write_markdown, write_plot
+    from .defaults.quality_report import (
+        SWEEP_BEGIN,
+        SWEEP_END,
+        sweep_markdown,
+        write_block,
+        write_markdown,
+        write_plot,
+    )
 
     assets = _default_assets(args.config)
     pool = AdapterPool.load(assets.adapters)
@@ -150,8 +169,17 @@ def _eval(args: argparse.Namespace) -> int:
         variants,
         tuned,
     )
+    if args.check_vllm > 0:
+        table = check_table(
+            scorer, table, args.check_vllm, emit=lambda line: print(line, file=sys.stderr)
+        )
     write_markdown(table, args.doc)
     write_plot(table, args.plot)
+    if args.sweep:
+        validation = table.validation
+        swept = [v for v in variants if v.method in SWEEP_METHODS and not v.svc]
+        sweep = pool_size_sweep(scorer, validation, swept)
+        write_block(sweep_markdown(sweep, validation), SWEEP_BEGIN, SWEEP_END, args.doc)
     if args.json:
         args.json.write_text(json.dumps(_table_json(table), indent=2))
     best = table.best()
@@ -171,10 +199,13 @@ def _table_json(table: Any) -> dict[str, Any]:
                 "normalised": row.normalised,
                 "normalised_interval": list(row.normalised_interval),
                 "gain_share": row.gain_share,
+                "rank": row.rank,
+                "retained_energy": row.retained_energy,
+                "served": row.served,
                 "validation_normalised": row.validation_normalised,
                 "tried": [list(pair) for pair in row.tried],
             }
-            for row in (table.base, *table.adapters, *table.merges, *table.tuned)
+            for row in table.rows
         ],
     }
 

@@ -15,18 +15,28 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import random
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from loramerge.merge_engine import AdapterPool, LoraModule, MergeSpec, load_adapter, merge
+from loramerge.merge_engine import (
+    AdapterPool,
+    LoraModule,
+    MergeSpec,
+    load_adapter,
+    merge,
+    save_adapter,
+)
 
 from .evaluate import left_padded_tokenizer
 from .folded import FoldedModel
 from .forced import exact_match
+from .serving_check import Agreement, Served, check_serving
 from .tasks import TASKS
 
 VALIDATION_SEED = 1001
@@ -57,6 +67,11 @@ class Variant:
     pico: bool = False
     svc: bool = False
     path: str | None = None  # tuned: a PEFT adapter directory
+    subset: tuple[str, ...] = ()  # merge: the adapters with weight (uniform); () = all
+
+    def preference(self, pool: AdapterPool) -> dict[str, float]:
+        """The merge's preference: uniform over `subset`, or over the whole pool."""
+        return {name: 1.0 for name in (self.subset or pool.names)}
 
     def spec(self) -> MergeSpec:
         assert self.method is not None
@@ -119,8 +134,58 @@ class Scorer:
         if variant.source == "tuned":
             assert variant.path is not None
             return load_adapter(Path(variant.path)).modules
-        uniform = {name: 1.0 for name in self.pool.names}
-        return merge(self.pool, uniform, variant.spec(), device="cpu").modules
+        return merge(self.pool, variant.preference(self.pool), variant.spec(), device="cpu").modules
+
+    def served(self, variant: Variant, scratch: Path) -> Served:
+        """`variant` as vLLM would serve it: its modules and a PEFT directory (merges are
+        exported into `scratch`)."""
+        if variant.source == "base":
+            return Served({}, None)
+        if variant.source == "adapter":
+            assert variant.adapter is not None
+            adapter = self.pool.adapter(variant.adapter)
+            return Served(adapter.modules, adapter.path)
+        if variant.source == "tuned":
+            assert variant.path is not None
+            return Served(load_adapter(Path(variant.path)).modules, Path(variant.path))
+        result = merge(self.pool, variant.preference(self.pool), variant.spec(), device="cpu")
+        path = save_adapter(result, scratch / self._key(variant, Split("test", 0, 0)))
+        return Served(result.modules, path)
+
+    def check_serving(
+        self,
+        variants: Sequence[Variant],
+        split: Split,
+        per_task: int,
+        emit: Callable[[str], None] | None = None,
+    ) -> dict[str, Agreement]:
+        """vLLM's greedy answers against the folded model's on the first `per_task` items of
+        each task of `split`, per variant (cached like scores)."""
+        check = Split(split.name, split.seed, per_task)
+        found: dict[str, Agreement] = {}
+        todo: list[Variant] = []
+        for variant in variants:
+            path = self.cache_dir / "serving" / f"{self._key(variant, check)}.json"
+            if path.is_file():
+                data = json.loads(path.read_text())
+                found[variant.label] = Agreement(variant.label, *map(tuple, data["answers"]))
+            else:
+                todo.append(variant)
+        if not todo:
+            return found
+        prompts = [e.prompt for task in TASKS for e in task.examples(split.seed, per_task)]
+        if self._model is None:
+            self._model = FoldedModel(self.model_dir)
+        with tempfile.TemporaryDirectory(prefix="loramerge-check-") as scratch:
+            served = {v.label: self.served(v, Path(scratch)) for v in todo}
+            checked = check_serving(self.model_dir, served, prompts, self._model, emit)
+        for variant in todo:
+            agreement = checked[variant.label]
+            path = self.cache_dir / "serving" / f"{self._key(variant, check)}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"answers": [agreement.folded, agreement.served]}))
+            found[variant.label] = agreement
+        return found
 
     def _key(self, variant: Variant, split: Split) -> str:
         content = dataclasses.asdict(variant)
@@ -243,6 +308,9 @@ class Row:
     gain_share: float  # (acc − base) / (own − base), averaged over tasks
     validation_normalised: float | None = None
     tried: tuple[tuple[str, float], ...] = field(default=())  # (parameters, validation score)
+    rank: int | None = None  # merges: the merged rank
+    retained_energy: float | None = None  # merges: worst module's ‖ΔW‖² share kept by truncation
+    served: tuple[int, int] | None = None  # (vLLM answers equal to the folded model's, items)
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -255,9 +323,12 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def normalised(scores: Scores, own: Mapping[str, Scores]) -> float:
-    """Mean over tasks of accuracy / the task's own adapter's accuracy (same items)."""
-    ratios = [scores.accuracy(t) / max(own[t].accuracy(t), 1e-9) for t in scores.items]
+def normalised(
+    scores: Scores, own: Mapping[str, Scores], tasks: Sequence[str] | None = None
+) -> float:
+    """Mean over `tasks` (default: all scored) of accuracy / the task's own adapter's accuracy
+    (same items)."""
+    ratios = [scores.accuracy(t) / max(own[t].accuracy(t), 1e-9) for t in tasks or scores.items]
     return sum(ratios) / len(ratios)
 
 
@@ -328,6 +399,19 @@ class Table:
     def best(self) -> Row:
         return max((*self.merges, *self.tuned), key=lambda row: row.normalised)
 
+    @property
+    def rows(self) -> tuple[Row, ...]:
+        return (self.base, *self.adapters, *self.merges, *self.tuned)
+
+    def replace_rows(self, change: Callable[[Row], Row]) -> Table:
+        return dataclasses.replace(
+            self,
+            base=change(self.base),
+            adapters=tuple(map(change, self.adapters)),
+            merges=tuple(map(change, self.merges)),
+            tuned=tuple(map(change, self.tuned)),
+        )
+
 
 def build_table(
     scorer: Scorer,
@@ -352,14 +436,16 @@ def build_table(
             value = normalised(scorer.score(candidate, validation), own_validation)
             tried.append((candidate, value))
         chosen, value = max(tried, key=lambda pair: pair[1])  # first (default) wins ties
+        report = merge(scorer.pool, chosen.preference(scorer.pool), chosen.spec()).report
+        row = make_row(
+            scorer.score(chosen, test),
+            own_test,
+            base,
+            validation=value,
+            tried=[(describe_params(c), v) for c, v in tried],
+        )
         merge_rows.append(
-            make_row(
-                scorer.score(chosen, test),
-                own_test,
-                base,
-                validation=value,
-                tried=[(describe_params(c), v) for c, v in tried],
-            )
+            dataclasses.replace(row, rank=report.rank, retained_energy=report.retained_energy_min)
         )
     tuned_rows = [make_row(scorer.score(v, test), own_test, base) for v in tuned]
     return Table(
@@ -370,3 +456,63 @@ def build_table(
         merges=tuple(merge_rows),
         tuned=tuple(tuned_rows),
     )
+
+
+def check_table(
+    scorer: Scorer, table: Table, per_task: int, emit: Callable[[str], None] | None = None
+) -> Table:
+    """The table with every row's vLLM cross-check (`Scorer.check_serving`) filled in."""
+    variants = [row.variant for row in table.rows]
+    agreements = scorer.check_serving(variants, table.test, per_task, emit)
+
+    def annotate(row: Row) -> Row:
+        agreement = agreements[row.variant.label]
+        return dataclasses.replace(row, served=(agreement.same, agreement.total))
+
+    return table.replace_rows(annotate)
+
+
+# ----------------------------------------------------------------------------- pool size
+
+
+SWEEP_METHODS = ("ta", "ties", "tsvm", "knots_ties", "regmean")
+"""Rows of the pool-size sweep (each without and with Pico)."""
+
+
+@dataclass(frozen=True)
+class SweepCell:
+    """One method at one pool size: the mean over every subset of that size of the best
+    validation normalised accuracy, and which candidate won how often."""
+
+    size: int
+    subsets: int
+    mean: float
+    winners: Mapping[str, int]  # parameters → subsets where they were best
+
+
+def pool_size_sweep(
+    scorer: Scorer, split: Split, variants: Iterable[Variant]
+) -> dict[str, list[SweepCell]]:
+    """For each variant (label → cells by pool size 2..N): every subset of the pool merged
+    with a uniform preference over it, each candidate parameter setting scored on `split`
+    over the subset's tasks; the best per subset, averaged per size."""
+    pool_names = scorer.pool.names
+    own = {t: scorer.score(Variant(f"adapter {t} alone", "adapter", adapter=t), split)
+           for t in pool_names}  # fmt: skip
+    table: dict[str, list[SweepCell]] = {}
+    for variant in variants:
+        cells = []
+        for size in range(2, len(pool_names) + 1):
+            best, winners = [], {}
+            for subset in itertools.combinations(pool_names, size):
+                tried = [
+                    (c, normalised(scorer.score(c, split), own, subset))
+                    for c in candidates(dataclasses.replace(variant, subset=subset))
+                ]
+                chosen, value = max(tried, key=lambda pair: pair[1])
+                best.append(value)
+                label = describe_params(chosen)
+                winners[label] = winners.get(label, 0) + 1
+            cells.append(SweepCell(size, len(best), sum(best) / len(best), winners))
+        table[variant.label] = cells
+    return table
