@@ -37,7 +37,7 @@ from .evaluate import left_padded_tokenizer
 from .folded import FoldedModel
 from .forced import exact_match
 from .serving_check import Agreement, Served, check_serving
-from .tasks import TASKS
+from .tasks import TASKS, Task
 
 VALIDATION_SEED = 1001
 TEST_SEED = 1234
@@ -116,7 +116,8 @@ class Scorer:
         if path.is_file():
             items = json.loads(path.read_text())["items"]
             return Scores(variant, split, {t: tuple(v) for t, v in items.items()})
-        items = self._evaluate(self.updates(variant), split, variant.label)
+        tasks = [t for t in TASKS if not variant.subset or t.name in variant.subset]
+        items = self._evaluate(self.updates(variant), split, variant.label, tasks)
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"variant": dataclasses.asdict(variant), "split": dataclasses.asdict(split)}
         temporary = path.with_suffix(".tmp")
@@ -199,22 +200,26 @@ class Scorer:
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
 
     def _evaluate(
-        self, updates: Mapping[str, LoraModule], split: Split, label: str
+        self,
+        updates: Mapping[str, LoraModule],
+        split: Split,
+        label: str,
+        tasks: Sequence[Task] = TASKS,
     ) -> dict[str, list[bool]]:
         if self._model is None:
             self._model = FoldedModel(self.model_dir)
         self._model.fold(updates)
-        examples = {task.name: task.examples(split.seed, split.n) for task in TASKS}
+        examples = {task.name: task.examples(split.seed, split.n) for task in tasks}
         hits = exact_match(
             self._model.model,
             left_padded_tokenizer(self.model_dir),
-            [e.prompt for task in TASKS for e in examples[task.name]],
-            [e.answer for task in TASKS for e in examples[task.name]],
+            [e.prompt for task in tasks for e in examples[task.name]],
+            [e.answer for task in tasks for e in examples[task.name]],
             progress=None if self.progress is None else _bound(self.progress, label),
         )
         return {
             task.name: hits[index * split.n : (index + 1) * split.n]
-            for index, task in enumerate(TASKS)
+            for index, task in enumerate(tasks)
         }
 
 
