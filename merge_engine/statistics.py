@@ -2,9 +2,9 @@
 
 Data-aware merge rules (RegMean) weigh each adapter's update by the inputs it is used on. For
 every adapted module the statistics hold the second moment E[x xᵀ] and the mean E[x] of the
-module's input x over the tokens of the adapter's calibration prompts (unlabeled: prompts only,
-run through the base model). Modules that read the same input (q/k/v of one attention block)
-share one *site*, stored once.
+module's input x over the tokens of the adapter's calibration prompts and the adapter's own
+answers to them (unlabeled: no reference answers), run through the base model. Modules that
+read the same input (q/k/v of one attention block) share one *site*, stored once.
 
 On disk: `input_statistics.safetensors` in the adapter's directory, tensors `site.<i>.moment`
 [in, in] and `site.<i>.mean` [in] (float32), and the metadata key `loramerge` holding JSON
@@ -33,6 +33,8 @@ from .errors import AdapterFormatError, InvalidAdapterTensorError
 from .files import read_capped
 
 STATISTICS_FILE = "input_statistics.safetensors"
+ANSWER_TOKENS = 32
+"""How many tokens of the adapter's own answer per prompt the statistics include by default."""
 FORMAT = 1
 MAX_STATISTICS_BYTES = 8 << 30
 _METADATA_KEY = "loramerge"

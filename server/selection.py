@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
 from loramerge.merge_engine import (
+    METHODS,
     AdapterPool,
     InvalidArgumentError,
     MergeSpec,
@@ -22,6 +24,8 @@ from .errors import ConfigError, ConflictError, InvalidRequestError
 from .registry import AdapterRegistry
 from .store import Store
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -31,6 +35,8 @@ class Selection:
     spec: MergeSpec
     rho: tuple[float, ...]
     pin_for: str | None
+    fallback_for: tuple[str, ...] = ()
+    """Adapters without input statistics that made the default method fall back (else ())."""
 
 
 def default_choice(settings: Settings) -> MergeChoice:
@@ -65,17 +71,27 @@ class Selector:
         self._store = store
         self._registry = registry
         self._defaults = default_choice(settings)
+        self._fallback = MergeChoice(
+            method=settings.merge.fallback_method,
+            pico=settings.merge.fallback_pico,
+            energy_compensation=True,
+        )
         self._hot = frozenset(settings.merge.hot_tenants)
+        self._warned: set[str] = set()  # pool fingerprints whose fallback was logged
         self._check_settings()
 
     def _check_settings(self) -> None:
         """The server's own merge settings fail at start, not later as a client's error."""
-        try:
-            spec_for(self._defaults, self._settings.engine.max_lora_rank)
-        except InvalidArgumentError as err:
-            name = str(err.field).removeprefix("params.")
-            field = "merge.method" if name == "method" else f"merge.params.{name}"
-            raise ConfigError(f"invalid server setting: {err}", field) from None
+        for choice, method_field in (
+            (self._defaults, "merge.method"),
+            (self._fallback, "merge.fallback_method"),
+        ):
+            try:
+                spec_for(choice, self._settings.engine.max_lora_rank)
+            except InvalidArgumentError as err:
+                name = str(err.field).removeprefix("params.")
+                field = method_field if name == "method" else f"merge.params.{name}"
+                raise ConfigError(f"invalid server setting: {err}", field) from None
         for index, tenant_id in enumerate(self._settings.merge.hot_tenants):
             try:
                 validate_tenant_id(tenant_id, f"merge.hot_tenants[{index}]")
@@ -110,4 +126,31 @@ class Selector:
             return None
         pool = self.require_pool()
         rho = normalize_preference(preference, pool.names)
-        return Selection(pool, spec, rho, tenant_id if tenant_id in self._hot else None)
+        lacking: tuple[str, ...] = ()
+        if overrides.method is None and stored.method is None:
+            spec, lacking = self._fall_back(spec, pool, rho)
+        return Selection(pool, spec, rho, tenant_id if tenant_id in self._hot else None, lacking)
+
+    def _fall_back(
+        self, spec: MergeSpec, pool: AdapterPool, rho: tuple[float, ...]
+    ) -> tuple[MergeSpec, tuple[str, ...]]:
+        """The default `spec`, or the fallback's when the default method needs input statistics
+        that an adapter taking part lacks; with the adapters that lack them."""
+        if not METHODS.get(spec.method).needs_statistics:
+            return spec, ()
+        taking_part = (a for a, w in zip(pool.adapters, rho, strict=True) if w > 0)
+        lacking = tuple(a.name for a in taking_part if a.statistics is None)
+        if not lacking:
+            return spec, ()
+        fallback = spec_for(self._fallback, self._settings.engine.max_lora_rank)
+        if pool.fingerprint not in self._warned:
+            self._warned.add(pool.fingerprint)
+            logger.warning(
+                "the default merge method %s needs input statistics that adapters %s lack "
+                "(write them with `loramerge stats`); merges including them use %s%s",
+                spec.method,
+                ", ".join(lacking),
+                fallback.method,
+                " + pico" if fallback.pico else "",
+            )
+        return fallback, lacking

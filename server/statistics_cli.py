@@ -1,8 +1,10 @@
 """`loramerge stats`: write an adapter's input statistics (what RegMean merges by).
 
-Runs the base model over the adapter's unlabeled calibration prompts and writes
-`input_statistics.safetensors` into the adapter's directory (or `--out`). The server reads it
-with the adapter; a pool whose adapters all have statistics can be merged with `regmean`.
+The adapter answers its unlabeled calibration prompts (greedy, folded into the base model),
+then the base model reads each prompt and answer and the inputs of the adapted layers are
+summed; `input_statistics.safetensors` goes into the adapter's directory (or `--out`). The
+server reads it with the adapter; a pool whose adapters all have statistics can be merged with
+`regmean`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loramerge.merge_engine import load_adapter, resolve_device, save_statistics
+from loramerge.merge_engine.statistics import ANSWER_TOKENS
 
 from .config import load_settings
 
@@ -30,6 +33,11 @@ def add_parser(commands: Any) -> None:
     stats.add_argument("--model", type=Path, help="base model directory (default: engine.model, "
                        "else the embedded model)")  # fmt: skip
     stats.add_argument("--out", type=Path, help="file to write (default: in the adapter dir)")
+    stats.add_argument(
+        "--answer-tokens", type=int, default=ANSWER_TOKENS, metavar="N",
+        help=f"include up to N tokens of the adapter's own answer per prompt (default "
+        f"{ANSWER_TOKENS}; 0: prompts only)",
+    )  # fmt: skip
     stats.add_argument("--device", default="auto", help="auto, cpu or cuda")
     stats.add_argument("--config", type=Path, help="YAML config file (engine.model, cache_dir)")
     stats.set_defaults(run=_stats)
@@ -41,17 +49,29 @@ def _stats(args: argparse.Namespace) -> int:
     from .defaults.statistics import collect_statistics
     from .quality_cli import read_prompts
 
+    if args.answer_tokens < 0:
+        raise SystemExit(f"loramerge stats: --answer-tokens must be ≥ 0, got {args.answer_tokens}")
     adapter = load_adapter(args.adapter)
     prompts = read_prompts(args.prompts)
     model_dir = args.model or _configured_model(args.config)
-    with tqdm(total=len(prompts), desc="input statistics", unit="prompt", file=sys.stderr) as bar:
-        statistics = collect_statistics(
-            model_dir,
-            prompts,
-            list(adapter.modules),
-            device=str(resolve_device(args.device)),
-            progress=lambda done, _total: bar.update(done - bar.n),
-        )
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="prompt", file=sys.stderr)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    statistics = collect_statistics(
+        model_dir,
+        prompts,
+        adapter.modules,
+        answer_tokens=args.answer_tokens,
+        device=str(resolve_device(args.device)),
+        progress=progress,
+    )
     path = save_statistics(statistics, args.out or args.adapter)
     print(
         f"{path}: {len(statistics.moments)} input sites, {statistics.tokens} tokens of "

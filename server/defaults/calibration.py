@@ -40,7 +40,7 @@ def ensure_calibration(
         if (folder / STATISTICS_FILE).is_file():
             continue
         started = time.monotonic()
-        modules = list(load_adapter(folder, name).modules)
+        modules = load_adapter(folder, name).modules
         save_statistics(collect_statistics(model_dir, prompts, modules), folder)
         emit(f"input statistics of adapter {name}: {len(prompts)} prompts, "
              f"{time.monotonic() - started:.1f} s")  # fmt: skip
