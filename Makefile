@@ -100,14 +100,20 @@ bench-scale: install
 	$(PY) benchmarks/tenant_scale.py $(ARGS)
 
 # The merge-quality table (docs/quality.md + docs/quality.png): distil a merge, then score every
-# method, the tuned adapter, the base model and each adapter. Cached per variant: reruns are
-# incremental. Not part of `make test` (tens of CPU minutes).
+# method, the tuned adapter, the base model and each adapter; the pool-size sweep; a vLLM
+# cross-check per variant; the Pico §3 diagnostics of the default adapters. Cached per variant:
+# reruns are incremental. Not part of `make test` (about an hour of CPU here, cold).
 QUALITY_DIR ?= $(HOME)/.cache/loramerge/quality
+ADAPTERS = $(HOME)/.cache/loramerge/adapters
 quality: install
-	$(VENV)/bin/loramerge tune --task-prompts 64 --method tsvm --pico --steps 150 \
-		--out $(QUALITY_DIR)/tuned/distill
-	$(VENV)/bin/loramerge eval --n 100 --validation-n 40 --results $(QUALITY_DIR)/results \
-		--tuned "tsvm + pico + distill=$(QUALITY_DIR)/tuned/distill" --json $(QUALITY_DIR)/table.json
+	$(VENV)/bin/loramerge prepare
+	test -d $(QUALITY_DIR)/tuned/distill-regmean || $(VENV)/bin/loramerge tune --task-prompts 64 \
+		--method regmean --no-pico --steps 150 --out $(QUALITY_DIR)/tuned/distill-regmean
+	$(VENV)/bin/loramerge eval --n 100 --validation-n 100 --sweep 40 --check-vllm 2 \
+		--results $(QUALITY_DIR)/results --json $(QUALITY_DIR)/table.json \
+		--tuned "regmean + distill=$(QUALITY_DIR)/tuned/distill-regmean"
+	$(VENV)/bin/loramerge diagnose $(foreach t,add caesar date reverse,--adapter $(t)=$(ADAPTERS)/$(t)) \
+		--plot docs/quality_diagnostics > $(QUALITY_DIR)/diagnostics.json
 
 clean:
 	rm -rf $(VENV) proto/loramerge/v1/*_pb2*.py* $(STUBS)

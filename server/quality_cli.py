@@ -39,8 +39,9 @@ def add_parser(commands: Any) -> None:
     evaluate.add_argument("--plot", type=Path, default=Path("docs/quality.png"))
     evaluate.add_argument("--json", type=Path, help="also write the table as JSON here")
     evaluate.add_argument(
-        "--sweep", action="store_true",
-        help="also sweep λ/α per method over every pool subset of 2..N adapters (validation)",
+        "--sweep", type=int, default=0, metavar="N",
+        help="also sweep λ/α per method over every pool subset of 2..N adapters, on N validation "
+        "items per task (0: skip)",
     )  # fmt: skip
     evaluate.add_argument(
         "--check-vllm", type=int, default=2, metavar="K",
@@ -175,8 +176,8 @@ def _eval(args: argparse.Namespace) -> int:
         )
     write_markdown(table, args.doc)
     write_plot(table, args.plot)
-    if args.sweep:
-        validation = table.validation
+    if args.sweep > 0:
+        validation = Split("validation", VALIDATION_SEED, args.sweep)
         swept = [v for v in variants if v.method in SWEEP_METHODS and not v.svc]
         sweep = pool_size_sweep(scorer, validation, swept)
         write_block(sweep_markdown(sweep, validation), SWEEP_BEGIN, SWEEP_END, args.doc)
