@@ -71,7 +71,11 @@ class RegMean(MergeMethod[RegMeanParams]):
         )
         # A_t' = λ ρ_t A_t G̃_t M⁻¹ = λ ρ_t (M⁻¹ G̃_t A_tᵀ)ᵀ (M and G̃_t are symmetric)
         rhs = torch.cat([g @ a.mT for g, a in zip(grams, tasks.a, strict=True)], dim=-1)
-        solved = torch.linalg.solve(total, rhs).mT  # [G, R, in]
+        factor, failed = torch.linalg.cholesky_ex(total)  # M is symmetric positive definite
+        if bool(failed.any()):  # only if rounding broke definiteness: the general solver
+            solved = torch.linalg.solve(total, rhs).mT  # [G, R, in]
+        else:
+            solved = torch.cholesky_solve(rhs, factor).mT
         weights = torch.cat(
             [w.expand(int(a.shape[-2])) for w, a in zip(tasks.rho, tasks.a, strict=True)]
         )
