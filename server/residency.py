@@ -40,14 +40,17 @@ Invariants (each has a test in tests/unit/test_residency.py):
    error is logged and counted, never raised to a request.
 8. Files: a version's directory exists from before its first `add_lora` until after its last
    `remove_lora`, and while it is parked; a parked version has no lease and is not in the
-   engine, so deleting it needs no engine call. `close` deletes the directories without calling
-   into the engine (which may be dead and is shutting down anyway).
+   engine, so deleting it needs no engine call. Parked versions give way to new ones: a version
+   is parked only while the export directory keeps room for the merges that may run at once,
+   and a build that finds it full deletes them all and exports again. `close` deletes the
+   directories without calling into the engine (which may be dead and is shutting down anyway).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -58,7 +61,7 @@ from loramerge.merge_engine import AdapterPool
 from .metrics import Metrics
 from .selection import Selection
 from .version_key import VersionKey, version_key
-from .versions import LoraEngine, Version, VersionBuilder
+from .versions import ExportSpaceError, LoraEngine, Version, VersionBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +213,12 @@ class Residency:
             # the slot is asked for first: an eviction it needs runs while the merge does
             slot = asyncio.create_task(self._take_slot())
             try:
-                exported = await self.builder.export(key, selection.pool, selection.spec)
+                try:
+                    exported = await self.builder.export(key, selection.pool, selection.spec)
+                except ExportSpaceError:
+                    if not await self._unpark_all():
+                        raise
+                    exported = await self.builder.export(key, selection.pool, selection.spec)
             except BaseException:
                 await self._drop_slot(slot)
                 raise
@@ -312,11 +320,28 @@ class Residency:
                 removed = await self._remove(victim)
                 # a lease that came meanwhile built the key anew: then this copy goes
                 again = victim.key in self._versions or victim.key in self._flights
-                if removed and not again and not self._stale(victim):
+                if removed and not again and not self._stale(victim) and self._room_to_park(victim):
                     self._parked[victim.key] = victim  # its files stay for a reload
                 else:
                     await self.builder.discard(victim.path)
             await self._trim_parked()
+
+    async def _unpark_all(self) -> bool:
+        """Delete every parked version (the export directory is full); False if none was."""
+        doomed = list(self._parked.values())
+        self._parked.clear()
+        self._report()
+        for version in doomed:
+            await self.builder.discard(version.path)
+        return bool(doomed)
+
+    def _room_to_park(self, version: Version) -> bool:
+        """Parking keeps room for the merges that may run at once (and one more) to export."""
+        try:
+            free = shutil.disk_usage(version.path.parent).free
+        except OSError:
+            return False
+        return free >= (self.builder.worker.threads + 1) * version.nbytes
 
     async def _trim_parked(self) -> None:
         """Delete the parked versions of stale pools, and the least recently used ones beyond

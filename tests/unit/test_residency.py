@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
+import subprocess
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -552,3 +554,50 @@ async def settle_soon() -> None:
     for _ in range(50):
         await asyncio.sleep(0)
     await asyncio.sleep(0.05)
+
+
+def test_parked_versions_give_way_when_the_export_dir_fills(
+    pool3: AdapterPool, tmp_path: Path
+) -> None:
+    """On a real 64 KiB tmpfs (a handful of versions), parking up to 16 versions must never
+    make a build fail for lack of space: parking stops while room runs short, and a build that
+    finds the directory full deletes the parked versions and exports again."""
+    mount = tmp_path / "shm"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+    async def scenario() -> None:
+        engine = EngineDouble()
+        run_dir = mount / "run"
+        residency = tiered(engine, run_dir, capacity=1, keep=16, threads=1)
+        parked_at_most = 0
+        for i in range(12):
+            await use(residency, select(pool3, 1 + i % 4, 1 + i // 4, 1))
+            await settle(residency)
+            parked_at_most = max(parked_at_most, len(residency.parked()))
+            assert on_disk(run_dir) == kept(residency)
+        assert 0 < parked_at_most < 11  # parked while there was room, not beyond
+        parked = residency.parked()
+        assert parked
+        ballast = mount / "ballast"
+        ballast.write_bytes(b"\0" * (shutil.disk_usage(mount).free - 2048))  # no version fits
+        engine.remove_gate = asyncio.Event()  # the loaded version's files stay meanwhile
+        task = asyncio.create_task(use(residency, select(pool3, 9, 1, 1)))
+        for _ in range(500):
+            if residency.parked() == [] and len(on_disk(run_dir)) == 2:
+                break  # the parked versions made room: the loaded one and the new one
+            await asyncio.sleep(0.01)
+        assert not any(v.path.exists() for v in parked)
+        engine.remove_gate.set()
+        await task
+        await settle(residency)
+        assert on_disk(run_dir) == kept(residency)
+        await residency.close()
+
+    try:
+        run(scenario)
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
