@@ -94,8 +94,10 @@ k8s-config:
 bench: install
 	$(PY) benchmarks/hotswap.py
 
-# Tenants 8 → 64 → 512 against plain vLLM and the base model (~20 min on 2 busy CPU cores);
-# one point alone: make bench-scale ARGS="--tenants 64 --steps"
+# Tenants 8 → 64 → 512 against plain vLLM and the base model, 128 requests × 3 rounds per point,
+# then the preference_step sweep (~27 min on 2 quiet cores with bf16; a point ≤ 10 min);
+# one point alone: make bench-scale ARGS="--tenants 64 --steps"; the tables again from the JSON:
+# .venv/bin/python benchmarks/tenant_scale_report.py docs/tenant_scale.json
 bench-scale: install
 	$(PY) benchmarks/tenant_scale.py $(ARGS)
 

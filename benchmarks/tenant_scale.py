@@ -21,8 +21,8 @@ Then, at the largest T, loramerge alone with
 each `--steps` preference step. Results go to a JSON file (one entry per T, so points can be run
 one at a time with `--tenants 64`), from which the markdown tables and the plot are made.
 
-    .venv/bin/python benchmarks/tenant_scale.py [--tenants 8 64 512] [--requests 24]
-        [--tokens 8] [--concurrency 8] [--rounds 2] [--steps 0.01 0.05 0.1]
+    .venv/bin/python benchmarks/tenant_scale.py [--tenants 8 64 512] [--requests 128]
+        [--tokens 8] [--concurrency 8] [--rounds 3] [--steps 0.01 0.05 0.1]
 """
 
 from __future__ import annotations
@@ -146,6 +146,7 @@ class TimedLoraCalls:
         self._engine = engine
         self.calls = {"add_lora": 0, "remove_lora": 0}
         self.seconds = {"add_lora": 0.0, "remove_lora": 0.0}
+        self.loads: list[float] = []  # every add_lora's seconds
 
     async def add_lora(self, lora_request: object) -> bool:
         return bool(await self._timed("add_lora", self._engine.add_lora(lora_request)))
@@ -158,8 +159,11 @@ class TimedLoraCalls:
         try:
             return await call
         finally:
+            seconds = time.perf_counter() - start
             self.calls[name] += 1
-            self.seconds[name] += time.perf_counter() - start
+            self.seconds[name] += seconds
+            if name == "add_lora":
+                self.loads.append(seconds)
 
 
 @dataclass
@@ -193,7 +197,8 @@ class Served:
         await self.residency.pool_changed(self.pool)
 
 
-LoraScope = Callable[[Request], AbstractAsyncContextManager[Any]]  # → the LoRARequest or None
+# → (the LoRARequest or None; loramerge: whether the version was not loaded yet, else None)
+LoraScope = Callable[[Request], AbstractAsyncContextManager[tuple[Any, bool | None]]]
 
 
 class Bench:
@@ -217,6 +222,8 @@ class Bench:
         tokenizer = engine.get_tokenizer()
         self.prompts = [{"prompt_token_ids": tokenizer.encode(p)} for p in PROMPTS]
         self._served: dict[float, Served] = {}  # preference step → loramerge's versions
+        self.keep: int | None = None  # overrides of the residency's settings
+        self.spare: int | None = None
 
     def add_tenants(self, count: int, seed: int) -> None:
         """Store tenants 0…count-1 (tenant k has the same preference at every T)."""
@@ -237,13 +244,16 @@ class Bench:
         warm between runs, as in a server; no merged version is resident at the start."""
         served = await self.served(step)
         before = served.counters()
+        loads = len(served.engine.loads)
 
         @asynccontextmanager
         async def scope(request: Request) -> AsyncIterator[Any]:
             # what InferenceServicer does: select, lease, generate with the lease's adapter
             selection = await self.select(request)
+            key = version_key(selection.pool, selection.spec, selection.rho, step)
+            loaded = any(v.key == key for v in served.residency.versions())
             async with served.residency.lease(selection) as lease:
-                yield lease.version.lora_request
+                yield lease.version.lora_request, not loaded  # waited: a build or a reload
 
         sampler = Sampler(label, len(trace))
         sampler.probe = served.probe
@@ -252,7 +262,11 @@ class Bench:
             after = served.counters()
         finally:
             await served.evict_all(self.engine)
-        return dataclasses.replace(result, **{k: after[k] - before[k] for k in after})
+        return dataclasses.replace(
+            result,
+            add_lora=served.engine.loads[loads:],
+            **{k: after[k] - before[k] for k in after},
+        )
 
     async def served(self, step: float) -> Served:
         if step not in self._served:
@@ -265,6 +279,10 @@ class Bench:
             residency = build_residency(  # the server's serving core
                 settings, engine, Metrics(settings.metrics, metrics), run_dir
             )
+            if self.keep is not None:  # ablations: what each part of the residency buys
+                residency.keep = max(self.keep, residency.capacity)
+            if self.spare is not None:
+                residency.spare = self.spare
             residency.start()
             await residency.engine_started(self.pool)
             self._served[step] = Served(residency, self.pool, metrics, engine, run_dir)
@@ -279,7 +297,7 @@ class Bench:
 
         @asynccontextmanager
         async def scope(request: Request) -> AsyncIterator[Any]:
-            yield loras[request.tenant]
+            yield loras[request.tenant], None
 
         sampler = Sampler(label, len(trace))
         sampler.probe = lambda: (0, 0)
@@ -292,7 +310,7 @@ class Bench:
 
     async def base(self, trace: Sequence[Request], args: Any, label: str) -> RunResult:
         def scope(request: Request) -> AbstractAsyncContextManager[Any]:
-            return nullcontext(None)
+            return nullcontext((None, None))
 
         return await self.drive(trace, args, scope, Sampler(label, len(trace)))
 
@@ -344,13 +362,16 @@ class Bench:
         ttfts: list[float] = []
         latencies: list[float] = []
         waits: list[float] = []
+        starts: list[float] = []
+        missed: list[bool] = []
 
         async def one(request: Request) -> None:
             arrived = time.perf_counter()
             first = None
             produced = 0
-            async with scope(request) as lora:
-                waits.append(time.perf_counter() - arrived)  # selection + lease (merge, load)
+            async with scope(request) as (lora, built):
+                submitted = time.perf_counter()
+                waits.append(submitted - arrived)  # selection + lease (merge, load)
                 stream = self.engine.generate(
                     self.prompts[request.prompt], params, uuid.uuid4().hex, lora_request=lora
                 )
@@ -362,6 +383,9 @@ class Bench:
                     sampler.tokens += delta
             assert first is not None and produced == args.tokens, (first, produced)
             ttfts.append(first)
+            starts.append(first - (submitted - arrived))
+            if built is not None:
+                missed.append(built)
             latencies.append(time.perf_counter() - arrived)
             sampler.done += 1
 
@@ -382,23 +406,31 @@ class Bench:
             ttfts=ttfts,
             latencies=latencies,
             waits=waits,
+            starts=starts,
+            missed=missed,
             shm_bytes_max=sampler.shm_bytes,
             resident_max=sampler.resident,
         )
 
 
 def loramerge_counters(registry: CollectorRegistry) -> dict[str, Any]:
-    """What the server's own metrics say about one run."""
+    """What the server's own metrics say about one run (merge times summed over methods)."""
 
     def value(name: str, **labels: str) -> float:
         return registry.get_sample_value(name, labels) or 0.0
 
-    phases = {
-        phase: value("loramerge_merge_duration_seconds_sum", method="ta", phase=phase)
-        for phase in ("total", "export", "load")
-    }
+    def merge_sum(suffix: str, phase: str) -> float:
+        name = f"loramerge_merge_duration_seconds_{suffix}"
+        return sum(
+            sample.value
+            for metric in registry.collect()
+            for sample in metric.samples
+            if sample.name == name and sample.labels.get("phase") == phase
+        )
+
+    phases = {phase: merge_sum("sum", phase) for phase in ("total", "export", "load")}
     return {
-        "merges": value("loramerge_merge_duration_seconds_count", method="ta", phase="total"),
+        "merges": merge_sum("count", "total"),
         "merged_hits": value("loramerge_merged_adapter_cache_hits_total"),
         "merged_misses": value("loramerge_merged_adapter_cache_misses_total"),
         "calibration_hits": value("loramerge_calibration_cache_hits_total"),
@@ -467,6 +499,7 @@ async def benchmark(args: argparse.Namespace) -> None:
     try:
         async with open_engine(settings.engine, model) as engine:
             bench = Bench(engine, settings, adapters, work, plain_dir)
+            bench.keep, bench.spare = args.keep, args.spare
             bench.add_tenants(max(args.tenants), args.seed)
             try:
                 await warm_up(bench, args)
@@ -492,15 +525,22 @@ def main() -> None:
         "--config", type=Path, help="server YAML config (engine, merge, adapters: as served)"
     )
     parser.add_argument("--tenants", type=int, nargs="+", default=[8, 64, 512])
-    parser.add_argument("--requests", type=int, default=24, help="requests per run")
+    parser.add_argument("--requests", type=int, default=128, help="requests per run")
     parser.add_argument("--tokens", type=int, default=8, help="tokens per answer")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    parser.add_argument("--rounds", type=int, default=2, help="runs per system, order alternating")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per system, order alternating")
     parser.add_argument(
         "--steps", type=float, nargs="*", default=[0.01, 0.05, 0.1],
         help="preference steps swept at the largest T (none: skip the sweep)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--keep", type=int,
+        help="ablation: versions kept on disk (default merge.cache_size; 0: none parked)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--spare", type=int, help="ablation: engine slots kept free (default 1; 0: none)"
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON, one entry per T")
     parser.add_argument("--plot", type=Path, default=PLOT)
     quiet_vllm()

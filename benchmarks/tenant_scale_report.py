@@ -30,6 +30,9 @@ class RunResult:
     ttfts: list[float]
     latencies: list[float]
     waits: list[float]  # arrival → adapter ready (selection, lease: merge, export, load)
+    starts: list[float] = field(default_factory=list)  # submitted → first token
+    missed: list[bool] = field(default_factory=list)  # loramerge: the version was not loaded
+    add_lora: list[float] = field(default_factory=list)  # loramerge: each add_lora's seconds
     shm_bytes_max: int = 0
     resident_max: int = 0
     merges: float | None = None
@@ -150,7 +153,11 @@ class SweepRow:
 
 def setup(args: Any) -> dict[str, Any]:
     keys = ("requests", "tokens", "concurrency", "rounds", "seed")
-    return {key: getattr(args, key) for key in keys}
+    data = {key: getattr(args, key) for key in keys}
+    for key in ("keep", "spare"):  # ablations of the residency, when set
+        if getattr(args, key, None) is not None:
+            data[key] = getattr(args, key)
+    return data
 
 
 @dataclass
@@ -177,12 +184,20 @@ def save_results(path: Path, results: Results) -> None:
 # --- tables and plot ------------------------------------------------------------------------------
 
 
-def report(results: Results, plot: Path | None) -> None:
-    points = [Point.from_json(results.points[t]) for t in sorted(results.points)]
+def points_of(results: Results) -> list[Point]:
+    return [Point.from_json(results.points[t]) for t in sorted(results.points)]
+
+
+def report(results: Results, plot: Path | None, before: Results | None = None) -> None:
+    points = points_of(results)
     if points:
         print("\n" + serving_table(points))
+        print("\n" + rounds_table(points))
         print("\n" + loramerge_table(points))
+        print("\n" + time_table(points))
         print("\n" + goals(points))
+    if before is not None and before.points and points:
+        print("\n" + compare_table(points_of(before), points))
     if results.sweep:
         print("\n" + sweep_table([SweepRow.from_json(row) for row in results.sweep]))
     if plot is not None and points:
@@ -264,6 +279,120 @@ def loramerge_table(points: Sequence[Point]) -> str:
             "evictions per run",
             "adapter wait p50 / p99 (s)",
             "merge / export / load / evict s per run",
+        ],
+        rows,
+    )
+
+
+def time_table(points: Sequence[Point]) -> str:
+    """Where a request's time to first token goes: waiting for its adapter (for loramerge, the
+    requests whose version was not loaded: a build or a reload) and from submission to the first
+    token; medians over rounds of per-run percentiles."""
+
+    def median_pct(per_run: Sequence[Sequence[float]], q: float) -> str:
+        values = [percentile(v, q) for v in per_run if v]
+        return f"{statistics.median(values):.2f}" if values else "–"
+
+    rows = []
+    for p in points:
+        for system in ("loramerge", "plain"):
+            runs = p.runs[system]
+            if not all(r.starts for r in runs):
+                continue  # measured before these fields existed
+            starts = [r.starts for r in runs]
+            row = [str(p.tenants), LABELS[system], "–", "–"]
+            row.append(" / ".join(median_pct(starts, q) for q in (0.5, 0.99)))
+            row += ["–", "–"]
+            if system == "loramerge":
+                built = [[w for w, m in zip(r.waits, r.missed, strict=True) if m] for r in runs]
+                loads = [x for r in runs for x in r.add_lora]
+                merges = sum(r.merges or 0 for r in runs)
+                seconds = sum((r.merge_seconds or 0) + (r.export_seconds or 0) for r in runs)
+                row[2] = f"{statistics.median(len(b) for b in built):.0f}"
+                row[3] = " / ".join(median_pct(built, q) for q in (0.5, 0.99))
+                row[5] = f"{1000 * seconds / merges:.0f}" if merges else "–"
+                row[6] = (
+                    f"{percentile(loads, 0.5):.2f} / {percentile(loads, 0.99):.2f}"
+                    if loads
+                    else "–"
+                )
+            rows.append(row)
+    return table(
+        [
+            "T",
+            "serving",
+            "requests whose version was not loaded (per run)",
+            "their adapter wait p50 / p99 (s)",
+            "submitted → first token p50 / p99 (s)",
+            "merge + export ms per merge",
+            "add_lora p50 / p99 (s)",
+        ],
+        rows,
+    )
+
+
+def rounds_table(points: Sequence[Point]) -> str:
+    """Every round's throughputs and ratios: the spread behind the medians."""
+    rows = []
+    for p in points:
+        pairs = zip(p.runs["loramerge"], p.runs["plain"], p.runs["base"], strict=True)
+        for index, (ours, plain, base) in enumerate(pairs, 1):
+            rows.append(
+                [
+                    str(p.tenants),
+                    str(index),
+                    f"{ours.throughput:.1f}",
+                    f"{plain.throughput:.1f}",
+                    f"{base.throughput:.1f}",
+                    f"{ours.throughput / plain.throughput:.2f}",
+                    f"{ours.ttft(0.99):.2f} / {plain.ttft(0.99):.2f}",
+                    f"{ours.ttft(0.99) / plain.ttft(0.99):.2f}",
+                ]
+            )
+    return table(
+        [
+            "T",
+            "round",
+            "loramerge tok/s",
+            "plain tok/s",
+            "base tok/s",
+            "throughput ratio",
+            "TTFT p99 loramerge / plain (s)",
+            "TTFT p99 ratio",
+        ],
+        rows,
+    )
+
+
+def compare_table(before: Sequence[Point], after: Sequence[Point]) -> str:
+    """The same points measured before and after a change (ratios are per run, so they compare
+    across runs; tokens/s only roughly)."""
+    old = {p.tenants: p for p in before}
+    rows = []
+    for p in after:
+        if p.tenants not in old:
+            continue
+        b = old[p.tenants]
+        rows.append(
+            [
+                str(p.tenants),
+                f"{b.ratio('throughput'):.2f} → {p.ratio('throughput'):.2f}",
+                f"{b.ratio('ttft_p99'):.2f} → {p.ratio('ttft_p99'):.2f}",
+                f"{b.median('loramerge', 'throughput'):.1f} → "
+                f"{p.median('loramerge', 'throughput'):.1f}",
+                f"{b.median('loramerge', 'merges'):.0f} → {p.median('loramerge', 'merges'):.0f}",
+                f"{b.median('loramerge', 'wait_p99'):.2f} → "
+                f"{p.median('loramerge', 'wait_p99'):.2f}",
+            ]
+        )
+    return table(
+        [
+            "T",
+            "throughput loramerge/plain",
+            "TTFT p99 loramerge/plain",
+            "loramerge tok/s",
+            "merges per run",
+            "adapter wait p99 (s)",
         ],
         rows,
     )
@@ -358,3 +487,20 @@ def draw(points: Sequence[Point], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def main() -> None:
+    """The tables (and the plot) again from saved results, without running anything."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results", type=Path, help="tenant_scale.py's JSON")
+    parser.add_argument("--before", type=Path, help="results of an earlier run to compare")
+    parser.add_argument("--plot", type=Path, help="write the plot here too")
+    args = parser.parse_args()
+    before = load_results(args.before) if args.before else None
+    report(load_results(args.results), args.plot, before)
+
+
+if __name__ == "__main__":
+    main()

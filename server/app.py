@@ -134,12 +134,15 @@ def build_residency(
         device=merge.device,
         dtype=merge.dtype,
     )
+    capacity = min(merge.cache_size, settings.engine.resident_adapters)
     return Residency(
         engine,
         builder,
         metrics,
-        capacity=min(merge.cache_size, settings.engine.resident_adapters),
+        capacity=capacity,
         preference_step=merge.preference_step,
+        keep=merge.cache_size,  # beyond the engine's slots, kept on disk for a reload
+        spare=1 if capacity >= 4 else 0,  # a miss finds a free slot: evictions off its path
     )
 
 

@@ -38,6 +38,11 @@ class MergeWorker:
         self._lock = threading.Lock()
 
     @property
+    def threads(self) -> int:
+        """Jobs that may run at once."""
+        return self._threads
+
+    @property
     def pending(self) -> int:
         return self._pending
 

@@ -7,14 +7,20 @@ Every transport holds a version for the whole life of a request with one context
 
 The first lease of a key builds the version (`versions.VersionBuilder`: merge on a merge worker,
 export, `add_lora`); concurrent leases of the same key wait for that one build. Eviction
-(`remove_lora` + deleting the directory) runs only in a background reaper task, woken when a
-lease ends, the pool changes or a build needs room.
+(`remove_lora`) runs only in a background reaper task, woken when a lease ends, the pool changes
+or a build needs room. Two tiers: at most `capacity` versions are loaded in the engine; an
+evicted version keeps its files ("parked") while at most `keep` versions are on disk in all, so
+its next lease only loads it again (`add_lora`, no merge, no export) — as plain vLLM reloads an
+adapter from its directory. Evictions stay off the request path: the reaper keeps `spare`
+slots free ahead of the next miss, and a build asks for its slot when it starts, so an eviction
+it still needs runs while it merges and exports.
 
 Invariants (each has a test in tests/unit/test_residency.py):
 1. Bounded: at most `capacity` versions are loaded in the engine or being loaded or removed
    (a slot is taken before `add_lora` and given back after `remove_lora`). The capacity is at
-   most vLLM's `max_cpu_loras`, so vLLM's own LRU never drops a version we hold. A build that
-   finds no free slot waits for the reaper to free one.
+   most vLLM's `max_cpu_loras`, so vLLM's own LRU never drops a version we hold. A build or a
+   reload that finds no free slot waits for the reaper to free one; at most `keep` versions
+   are on disk besides the builds in progress.
 2. Leased means loaded: a version with a lease is never removed. The reaper picks a victim
    with no lease and takes it out of the table in one step, with no await in between (and
    leases are only taken on versions in the table, also without an await), so a lease taken
@@ -22,23 +28,29 @@ Invariants (each has a test in tests/unit/test_residency.py):
 3. Waiters first: a new version is published holding one lease for every request waiting for
    it, so it cannot be evicted before they run; a waiter cancelled before it resumes gives its
    lease back.
-4. Single flight: one build per key at a time; a cancelled requester does not cancel it for
-   the others; a failed build is not cached (the next lease retries) and leaves no directory.
+4. Single flight: one build (or reload) per key at a time; a cancelled requester does not
+   cancel it for the others; a failed build or reload is not cached (the next lease retries)
+   and leaves no directory; a build that fails gives back the slot it took.
 5. Stale: a version of a pool that is no longer current is removed as soon as it has no lease
-   (pins do not keep it); new requests select the current pool, so they never lease it.
+   (pins do not keep it), and its files deleted (parked ones at once); new requests select the
+   current pool, so they never lease it.
 6. Pins: a hot tenant has at most one pinned version, which LRU never evicts; at most
    capacity − 1 versions are pinned, so a build can always get a slot eventually.
 7. Off the request path: leaving a lease only counts down and wakes the reaper; an eviction
    error is logged and counted, never raised to a request.
-8. Files: a version's directory exists from before its `add_lora` until after its
-   `remove_lora`; `close` deletes the directories without calling into the engine (which may
-   be dead and is shutting down anyway).
+8. Files: a version's directory exists from before its first `add_lora` until after its last
+   `remove_lora`, and while it is parked; a parked version has no lease and is not in the
+   engine, so deleting it needs no engine call. Parked versions give way to new ones: a version
+   is parked only while the export directory keeps room for the merges that may run at once,
+   and a build that finds it full deletes them all and exports again. `close` deletes the
+   directories without calling into the engine (which may be dead and is shutting down anyway).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -49,7 +61,7 @@ from loramerge.merge_engine import AdapterPool
 from .metrics import Metrics
 from .selection import Selection
 from .version_key import VersionKey, version_key
-from .versions import LoraEngine, Version, VersionBuilder
+from .versions import ExportSpaceError, LoraEngine, Version, VersionBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +78,7 @@ class _Flight:
 
     task: asyncio.Task[Version] | None = None
     waiters: int = 0
+    reload: bool = False  # of a parked version: no merge
 
 
 class Residency:
@@ -77,13 +90,18 @@ class Residency:
         *,
         capacity: int,
         preference_step: float,
+        keep: int | None = None,
+        spare: int = 0,
     ) -> None:
         self.builder = builder
         self.capacity = capacity
+        self.keep = max(keep or capacity, capacity)  # versions on disk: loaded + parked
+        self.spare = spare if 0 <= spare < capacity else 0  # slots the reaper keeps free
         self._engine = engine
         self._metrics = metrics
         self._step = preference_step
-        self._versions: OrderedDict[VersionKey, Version] = OrderedDict()  # LRU order
+        self._versions: OrderedDict[VersionKey, Version] = OrderedDict()  # loaded, LRU order
+        self._parked: OrderedDict[VersionKey, Version] = OrderedDict()  # files only, LRU order
         self._flights: dict[VersionKey, _Flight] = {}
         self._occupied = 0  # engine slots: loading, loaded or being removed
         self._slot_waiters = 0
@@ -100,7 +118,12 @@ class Residency:
         return len(self._versions)
 
     def versions(self) -> list[Version]:
+        """The versions loaded in the engine."""
         return list(self._versions.values())
+
+    def parked(self) -> list[Version]:
+        """The versions on disk only (evicted from the engine, kept for a reload)."""
+        return list(self._parked.values())
 
     def start(self) -> None:
         """Start the reaper (on the running event loop)."""
@@ -112,7 +135,9 @@ class Residency:
         if needed); a hot tenant's selection also pins it."""
         key = version_key(selection.pool, selection.spec, selection.rho, self._step)
         version = self._versions.get(key)
-        cached = version is not None
+        flight = self._flights.get(key)
+        reload = key in self._parked or (flight is not None and flight.reload)
+        cached = version is not None or reload  # a reload needs no merge either
         (self._metrics.merged_hits if cached else self._metrics.merged_misses).inc()
         if version is not None:
             self._versions.move_to_end(key)
@@ -150,6 +175,7 @@ class Residency:
                     await task
         self.builder.worker.shutdown()
         self._versions.clear()
+        self._parked.clear()
         self._metrics.resident_adapters.set(0)
         self._metrics.export_dir_bytes.set(0)
 
@@ -161,9 +187,13 @@ class Residency:
         if flight is None:
             flight = _Flight()
             self._flights[key] = flight
-            flight.task = asyncio.create_task(
-                self._build(key, selection, flight), name=f"merge-{key.digest()[:8]}"
-            )
+            parked = self._parked.pop(key, None)  # no longer the reaper's to delete
+            if parked is not None:
+                flight.reload = True
+                work = self._reload(parked, flight)
+            else:
+                work = self._build(key, selection, flight)
+            flight.task = asyncio.create_task(work, name=f"merge-{key.digest()[:8]}")
             flight.task.add_done_callback(_log_failure)
         task = flight.task
         assert task is not None
@@ -180,10 +210,22 @@ class Residency:
 
     async def _build(self, key: VersionKey, selection: Selection, flight: _Flight) -> Version:
         try:
-            exported = await self.builder.export(key, selection.pool, selection.spec)
+            # the slot is asked for first: an eviction it needs runs while the merge does
+            slot = asyncio.create_task(self._take_slot())
             try:
-                await self._take_slot()
+                try:
+                    exported = await self.builder.export(key, selection.pool, selection.spec)
+                except ExportSpaceError:
+                    if not await self._unpark_all():
+                        raise
+                    exported = await self.builder.export(key, selection.pool, selection.spec)
             except BaseException:
+                await self._drop_slot(slot)
+                raise
+            try:
+                await slot
+            except BaseException:
+                await self._drop_slot(slot)
                 await self.builder.discard(exported.path)
                 raise
             try:
@@ -193,10 +235,38 @@ class Residency:
                 raise
         finally:
             self._flights.pop(key, None)  # in the same step as publishing (invariant 3)
+        return self._publish(version, flight)
+
+    async def _reload(self, version: Version, flight: _Flight) -> Version:
+        """Load a parked version again: a slot and `add_lora`, no merge."""
+        try:
+            try:
+                await self._take_slot()
+            except BaseException:
+                await self.builder.discard(version.path)
+                raise
+            try:
+                await self.builder.reload(version)  # deletes the files if it fails
+            except BaseException:
+                await self._give_slot()
+                raise
+        finally:
+            self._flights.pop(version.key, None)  # in the same step as publishing
+        return self._publish(version, flight)
+
+    def _publish(self, version: Version, flight: _Flight) -> Version:
         version.leases = flight.waiters
-        self._versions[key] = version
+        self._versions[version.key] = version
         self._report()
         return version
+
+    async def _drop_slot(self, slot: asyncio.Task[None]) -> None:
+        """Cancel a slot request; give the slot back if it was taken meanwhile."""
+        slot.cancel()
+        with suppress(asyncio.CancelledError, Exception):
+            await slot
+        if not slot.cancelled() and slot.exception() is None:
+            await self._give_slot()
 
     async def _take_slot(self) -> None:
         async with self._room:
@@ -247,20 +317,63 @@ class Residency:
             while (victim := self._victim()) is not None:
                 del self._versions[victim.key]  # same step as the lease check (invariant 2)
                 self._report()
-                await self._remove(victim)
+                removed = await self._remove(victim)
+                # a lease that came meanwhile built the key anew: then this copy goes
+                again = victim.key in self._versions or victim.key in self._flights
+                if removed and not again and not self._stale(victim) and self._room_to_park(victim):
+                    self._parked[victim.key] = victim  # its files stay for a reload
+                else:
+                    await self.builder.discard(victim.path)
+            await self._trim_parked()
+
+    async def _unpark_all(self) -> bool:
+        """Delete every parked version (the export directory is full); False if none was."""
+        doomed = list(self._parked.values())
+        self._parked.clear()
+        self._report()
+        for version in doomed:
+            await self.builder.discard(version.path)
+        return bool(doomed)
+
+    def _room_to_park(self, version: Version) -> bool:
+        """Parking keeps room for the merges that may run at once (and one more) to export."""
+        try:
+            free = shutil.disk_usage(version.path.parent).free
+        except OSError:
+            return False
+        return free >= (self.builder.worker.threads + 1) * version.nbytes
+
+    async def _trim_parked(self) -> None:
+        """Delete the parked versions of stale pools, and the least recently used ones beyond
+        `keep` versions on disk. Parked versions have no lease and are not in the engine."""
+        doomed = [v for v in self._parked.values() if self._stale(v)]
+        excess = len(self._versions) + len(self._parked) - len(doomed) - self.keep
+        fresh = [v for v in self._parked.values() if not self._stale(v)]
+        doomed += fresh[: max(excess, 0)]
+        for version in doomed:
+            del self._parked[version.key]
+        self._report()
+        for version in doomed:
+            await self.builder.discard(version.path)
+
+    def _stale(self, version: Version) -> bool:
+        return self._current is not None and version.key.pool_fingerprint != self._current
 
     def _victim(self) -> Version | None:
         """An unleased version to evict now: a stale one, else the least recently used
-        unpinned one while a build is waiting for a slot."""
+        unpinned one while builds are waiting for a slot or fewer than `spare` are free."""
         unleased = [v for v in self._versions.values() if v.leases == 0]
         for version in unleased:
-            if self._current is not None and version.key.pool_fingerprint != self._current:
+            if self._stale(version):
                 return version
-        if self._occupied + self._slot_waiters <= self.capacity:
+        if self._occupied + self._slot_waiters <= self.capacity - self.spare:
             return None
         return next((v for v in unleased if v.pinned_by is None), None)
 
-    async def _remove(self, version: Version) -> None:
+    async def _remove(self, version: Version) -> bool:
+        """`remove_lora`; False if the engine may still hold the version (an error) or did
+        not hold it: then its files are not kept for a reload."""
+        removed = False
         try:
             removed = await self._engine.remove_lora(version.lora_id)
             if not removed:
@@ -269,14 +382,15 @@ class Residency:
             logger.error("could not remove %s from the engine: %s", version.adapter_id, err)
             self._metrics.eviction_errors.inc()
         finally:
-            await self.builder.discard(version.path)
             await self._give_slot()
         self._metrics.merged_evictions.inc()
         logger.info("evicted merged version", extra={"adapter_id": version.adapter_id})
+        return removed
 
     def _report(self) -> None:
         self._metrics.resident_adapters.set(len(self._versions))
-        self._metrics.export_dir_bytes.set(sum(v.nbytes for v in self._versions.values()))
+        on_disk = [*self._versions.values(), *self._parked.values()]
+        self._metrics.export_dir_bytes.set(sum(v.nbytes for v in on_disk))
 
 
 def _log_failure(task: asyncio.Task[Version]) -> None:

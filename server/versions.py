@@ -2,8 +2,9 @@
 
 Each version gets a name, an integer id and a directory never used before (vLLM caches by name
 and reloads from the path), written atomically. Whatever fails, nothing is left behind: a
-failed export or load deletes the directory. Which versions stay resident, and for how long, is
-`residency.py`'s business.
+failed export or load deletes the directory. A version removed from the engine may be loaded
+again later from the same directory, under the same name and id (its files never change).
+Which versions stay resident, and for how long, is `residency.py`'s business.
 """
 
 from __future__ import annotations
@@ -147,26 +148,8 @@ class VersionBuilder:
     async def load(self, exported: Exported, method: str) -> Version:
         """`add_lora` the exported version; on any failure its directory is deleted."""
         request = self._make_request(exported.adapter_id, exported.lora_id, str(exported.path))
-        start = time.perf_counter()
-        try:
-            loaded = await self._engine.add_lora(request)
-        except EngineUnavailableError:
-            await self.discard(exported.path)
-            raise
-        except BaseException as err:
-            await self.discard(exported.path)
-            if isinstance(err, Exception):
-                raise EngineUnavailableError(
-                    f"the engine could not load merged version {exported.adapter_id}: {err}"
-                ) from None
-            raise
-        if not loaded:
-            await self.discard(exported.path)
-            raise EngineUnavailableError(
-                f"the engine refused to load merged version {exported.adapter_id}"
-            )
         phases = dict(exported.phase_seconds)
-        phases["load"] = time.perf_counter() - start
+        phases["load"] = await self._add(request, exported.adapter_id, exported.path)
         phases["total"] = phases["total"] + phases["export"] + phases["load"]
         self._record(method, phases, exported.report)
         logger.info(
@@ -185,6 +168,32 @@ class VersionBuilder:
             phases,
             exported.nbytes,
         )
+
+    async def reload(self, version: Version) -> None:
+        """`add_lora` a version again (it was removed from the engine, its files kept); on any
+        failure its directory is deleted."""
+        seconds = await self._add(version.lora_request, version.adapter_id, version.path)
+        self._metrics.adapter_load_duration.observe(seconds)
+
+    async def _add(self, request: object, adapter_id: str, path: Path) -> float:
+        """`add_lora`; returns its seconds. On any failure the directory is deleted."""
+        start = time.perf_counter()
+        try:
+            loaded = await self._engine.add_lora(request)
+        except EngineUnavailableError:
+            await self.discard(path)
+            raise
+        except BaseException as err:
+            await self.discard(path)
+            if isinstance(err, Exception):
+                raise EngineUnavailableError(
+                    f"the engine could not load merged version {adapter_id}: {err}"
+                ) from None
+            raise
+        if not loaded:
+            await self.discard(path)
+            raise EngineUnavailableError(f"the engine refused to load merged version {adapter_id}")
+        return time.perf_counter() - start
 
     async def discard(self, path: Path) -> None:
         await asyncio.to_thread(shutil.rmtree, path, True)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
+import subprocess
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from serving import EngineDouble, make_residency, select
 from loramerge.merge_engine import AdapterPool, load_adapter
 from loramerge.server.errors import EngineUnavailableError
 from loramerge.server.residency import Residency
+from loramerge.server.selection import Selection
 
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:
@@ -92,7 +96,8 @@ def test_bounded_and_leased_means_loaded_under_churn(pool3: AdapterPool, tmp_pat
         assert engine.peak <= 3
         await settle(residency)
         assert len(engine.loaded) == residency.resident <= 3
-        assert on_disk(tmp_path / "run") == {v.adapter_id for v in residency.versions()}
+        assert residency.resident + len(residency.parked()) <= 3  # keep: the capacity
+        assert on_disk(tmp_path / "run") == kept(residency)  # loaded or parked, no orphan
         await residency.close()
 
     run(scenario)
@@ -286,7 +291,7 @@ def test_eviction_is_off_the_request_path_and_its_errors_stay_there(
         await task  # the failed removal is not this request's error
         await settle(residency)
         assert residency._metrics.eviction_errors._value.get() == 1
-        assert on_disk(tmp_path / "run") == {v.adapter_id for v in residency.versions()}
+        assert on_disk(tmp_path / "run") == kept(residency)
 
         engine.remove_gate, engine.fail_remove = asyncio.Event(), None
         (resident,) = residency.versions()
@@ -330,3 +335,269 @@ def test_a_cancelled_request_releases_its_lease(pool3: AdapterPool, tmp_path: Pa
         await residency.close()
 
     run(scenario)
+
+
+# --- two tiers (parked versions), spare slots, eviction overlapped with the merge -------------
+
+
+def tiered(
+    engine: EngineDouble, run_dir: Path, *, capacity: int, keep: int, spare: int = 0, **kw: int
+) -> Residency:
+    """A residency that keeps up to `keep` versions on disk, `spare` slots free."""
+    base = make_residency(engine, run_dir, capacity=capacity, **kw)
+    residency = Residency(
+        engine,
+        base.builder,
+        base._metrics,
+        capacity=capacity,
+        preference_step=0.01,
+        keep=keep,
+        spare=spare,
+    )
+    residency.start()
+    return residency
+
+
+def kept(residency: Residency) -> set[str]:
+    return {v.adapter_id for v in residency.versions() + residency.parked()}
+
+
+def test_an_evicted_version_is_parked_and_loaded_again_without_a_merge(
+    pool3: AdapterPool, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        engine = EngineDouble()
+        run_dir = tmp_path / "run"
+        residency = tiered(engine, run_dir, capacity=1, keep=3)
+        async with residency.lease(select(pool3, 1, 0, 0)) as first:
+            pass
+        async with residency.lease(select(pool3, 0, 1, 0)):
+            pass
+        await settle(residency)
+        assert residency.parked() == [first.version]  # out of the engine, files kept
+        assert first.version.lora_id not in engine.loaded and first.version.path.is_dir()
+        async with residency.lease(select(pool3, 1, 0, 0)) as again:
+            assert again.cached  # no merge: the same files, name and id, loaded again
+            assert again.version.adapter_id == first.version.adapter_id
+            assert engine.loaded[again.version.lora_id] == str(first.version.path)
+        assert [name for name, _, _ in engine.added].count(first.version.adapter_id) == 2
+        for weights in [(0, 0, 1), (1, 1, 0), (0, 1, 1), (1, 0, 1)]:
+            async with residency.lease(select(pool3, *weights)):
+                pass
+        await settle(residency)
+        assert residency.resident == 1 and len(residency.parked()) == 2  # keep 3 on disk
+        assert on_disk(run_dir) == kept(residency)
+        await residency.pool_changed(pool3.without("code"))
+        await settle(residency)
+        assert residency.parked() == [] and residency.resident == 0
+        assert on_disk(run_dir) == set()  # stale: parked files deleted with no engine call
+        await residency.close()
+
+    run(scenario)
+
+
+def test_parked_tier_invariants_under_churn(pool3: AdapterPool, tmp_path: Path) -> None:
+    """Invariants 1, 2 and 8 with two tiers and a spare slot: 80 requests over 12 preferences,
+    capacity 3, 6 kept on disk, random hold times, pool changes meanwhile."""
+
+    async def scenario() -> None:
+        engine = EngineDouble(load_seconds=0.001)
+        run_dir = tmp_path / "run"
+        residency = tiered(engine, run_dir, capacity=3, keep=6, spare=1)
+        smaller = pool3.without("math")
+        pools = [pool3, smaller]
+        chooser = random.Random(11)
+        checks = 0
+
+        async def request(i: int) -> None:
+            nonlocal checks
+            pool = pools[(i // 20) % 2]
+            weights = [1 + (i % 6), 1 + (i % 4), 1][: len(pool)]
+            async with residency.lease(select(pool, *weights)) as lease:
+                for _ in range(3):
+                    assert lease.version.lora_id in engine.loaded
+                    assert lease.version.path.is_dir()
+                    checks += 1
+                    await asyncio.sleep(chooser.random() * 0.01)
+
+        async def change_pools() -> None:
+            for i in range(6):
+                await asyncio.sleep(0.03)
+                await residency.pool_changed(pools[i % 2])
+
+        await asyncio.gather(change_pools(), *[request(i) for i in range(80)])
+        assert checks == 240
+        assert engine.peak <= 3
+        await settle(residency)
+        assert len(engine.loaded) == residency.resident <= 3
+        assert residency.resident + len(residency.parked()) <= 6
+        assert on_disk(run_dir) == kept(residency)
+        current = residency._current
+        assert all(v.key.pool_fingerprint == current for v in residency.parked())
+        await residency.close()
+
+    run(scenario)
+
+
+def test_a_build_asks_for_its_slot_before_it_merges(pool3: AdapterPool, tmp_path: Path) -> None:
+    """The eviction a build needs runs while the build waits for (and runs) its merge."""
+
+    async def scenario() -> None:
+        engine = EngineDouble()
+        asked: list[int] = []
+        remove = engine.remove_lora
+
+        async def remove_lora(lora_id: int) -> bool:
+            asked.append(lora_id)
+            return await remove(lora_id)
+
+        engine.remove_lora = remove_lora  # type: ignore[method-assign]
+        run_dir = tmp_path / "run"
+        residency = tiered(engine, run_dir, capacity=1, keep=1, threads=1)
+        async with residency.lease(select(pool3, 1, 0, 0)) as old:
+            pass
+        busy = threading.Event()
+        blocker = asyncio.create_task(residency.builder.worker.run(busy.wait, "a blocker"))
+        task = asyncio.create_task(use(residency, select(pool3, 0, 1, 0)))
+        try:
+            await settle(residency)
+            assert asked == [old.version.lora_id]  # evicted already: the merge has not run
+            assert on_disk(run_dir) == {old.version.adapter_id}  # parked; nothing new yet
+        finally:
+            busy.set()
+        await blocker
+        assert await task != old.version.adapter_id
+        await residency.close()
+
+    run(scenario)
+
+
+def test_a_failed_build_gives_back_the_slot_it_took_early(
+    pool3: AdapterPool, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        engine = EngineDouble()
+        run_dir = tmp_path / "run"
+        residency = tiered(engine, run_dir, capacity=1, keep=2)
+        await use(residency, select(pool3, 1, 0, 0))
+        export = residency.builder.export
+
+        async def failing(*args: object) -> None:
+            await asyncio.sleep(0.05)  # the slot is taken meanwhile
+            raise RuntimeError("merge failed")
+
+        residency.builder.export = failing  # type: ignore[method-assign, assignment]
+        with pytest.raises(RuntimeError, match="merge failed"):
+            await use(residency, select(pool3, 0, 1, 0))
+        residency.builder.export = export  # type: ignore[method-assign]
+        # with the only slot leaked, these would wait forever
+        await asyncio.wait_for(use(residency, select(pool3, 0, 0, 1)), 10)
+        await asyncio.wait_for(use(residency, select(pool3, 1, 0, 0)), 10)  # parked: reload
+        await settle(residency)
+        assert engine.peak == 1 and on_disk(run_dir) == kept(residency)
+        await residency.close()
+
+    run(scenario)
+
+
+def test_a_spare_slot_keeps_eviction_off_the_miss(pool3: AdapterPool, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        engine = EngineDouble()
+        residency = tiered(engine, tmp_path / "run", capacity=3, keep=6, spare=1)
+        for weights in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
+            await use(residency, select(pool3, *weights))
+        await settle(residency)
+        assert residency.resident == 2  # one slot kept free
+        removed = list(engine.removed)
+        engine.remove_gate = asyncio.Event()  # removals hang from now on
+        await asyncio.wait_for(use(residency, select(pool3, 1, 1, 0)), 10)  # not waiting
+        assert engine.removed == removed and len(engine.loaded) == 3
+        engine.remove_gate.set()
+        await settle(residency)
+        assert residency.resident == 2 and len(engine.loaded) == 2
+        await residency.close()
+
+    run(scenario)
+
+
+def test_a_lease_during_an_eviction_of_its_key_builds_anew_and_leaves_no_orphan(
+    pool3: AdapterPool, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        engine = EngineDouble()
+        run_dir = tmp_path / "run"
+        residency = tiered(engine, run_dir, capacity=1, keep=3)
+        first = await use(residency, select(pool3, 1, 0, 0))
+        engine.remove_gate = asyncio.Event()
+        other = asyncio.create_task(use(residency, select(pool3, 0, 1, 0)))  # evicts `first`
+        await settle_soon()
+        again = asyncio.create_task(use(residency, select(pool3, 1, 0, 0)))  # mid-eviction
+        await settle_soon()
+        engine.remove_gate.set()
+        assert await again != first  # built anew: the evicted copy was in neither tier
+        await other
+        await settle(residency)
+        assert on_disk(run_dir) == kept(residency)  # the old copy was deleted, not parked
+        assert first not in kept(residency)
+        await residency.close()
+
+    run(scenario)
+
+
+async def use(residency: Residency, selection: Selection) -> str:
+    async with residency.lease(selection) as lease:
+        assert lease.version.path.is_dir()
+        return lease.version.adapter_id
+
+
+async def settle_soon() -> None:
+    for _ in range(50):
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.05)
+
+
+def test_parked_versions_give_way_when_the_export_dir_fills(
+    pool3: AdapterPool, tmp_path: Path
+) -> None:
+    """On a real 64 KiB tmpfs (a handful of versions), parking up to 16 versions must never
+    make a build fail for lack of space: parking stops while room runs short, and a build that
+    finds the directory full deletes the parked versions and exports again."""
+    mount = tmp_path / "shm"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+    async def scenario() -> None:
+        engine = EngineDouble()
+        run_dir = mount / "run"
+        residency = tiered(engine, run_dir, capacity=1, keep=16, threads=1)
+        parked_at_most = 0
+        for i in range(12):
+            await use(residency, select(pool3, 1 + i % 4, 1 + i // 4, 1))
+            await settle(residency)
+            parked_at_most = max(parked_at_most, len(residency.parked()))
+            assert on_disk(run_dir) == kept(residency)
+        assert 0 < parked_at_most < 11  # parked while there was room, not beyond
+        parked = residency.parked()
+        assert parked
+        ballast = mount / "ballast"
+        ballast.write_bytes(b"\0" * (shutil.disk_usage(mount).free - 2048))  # no version fits
+        engine.remove_gate = asyncio.Event()  # the loaded version's files stay meanwhile
+        task = asyncio.create_task(use(residency, select(pool3, 9, 1, 1)))
+        for _ in range(500):
+            if residency.parked() == [] and len(on_disk(run_dir)) == 2:
+                break  # the parked versions made room: the loaded one and the new one
+            await asyncio.sleep(0.01)
+        assert not any(v.path.exists() for v in parked)
+        engine.remove_gate.set()
+        await task
+        await settle(residency)
+        assert on_disk(run_dir) == kept(residency)
+        await residency.close()
+
+    try:
+        run(scenario)
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 from types import ModuleType
@@ -97,3 +98,23 @@ def test_results_round_trip_and_plot(rep: ModuleType, tmp_path: Path) -> None:
     plot = tmp_path / "plot.png"
     rep.report(loaded, plot)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rounds_compare_and_time_tables(rep: ModuleType) -> None:
+    before = point(rep, 64, ours=[9.0, 9.5], plain=[10.0, 10.0])
+    after = point(rep, 64, ours=[10.0, 9.8], plain=[10.0, 10.0])
+    rounds = rep.rounds_table([after]).splitlines()
+    assert len(rounds) == 2 + 2  # one row per round
+    assert rounds[3] == "| 64 | 2 | 9.8 | 10.0 | 100.0 | 0.98 | 3.00 / 2.00 | 1.50 |"
+    compare = rep.compare_table([before], [after]).splitlines()
+    assert compare[2].startswith("| 64 | 0.93 → 0.99 | 1.50 → 1.50 |")
+    assert rep.compare_table([], [after]).count("\n") == 1  # no earlier point: header only
+    assert rep.time_table([after]).count("\n") == 1  # runs without per-request timings: none
+    timed = dataclasses.replace(
+        after.runs["loramerge"][0], starts=[1.0, 2.0], missed=[True, False], add_lora=[0.3]
+    )
+    plain = dataclasses.replace(after.runs["plain"][0], starts=[0.5, 1.5])
+    with_times = rep.Point(64, 8, 5, {"loramerge": [timed], "plain": [plain], "base": []})
+    rows = rep.time_table([with_times]).splitlines()
+    assert rows[2] == "| 64 | loramerge | 1 | 0.00 / 0.00 | 1.00 / 2.00 | 75 | 0.30 / 0.30 |"
+    assert rows[3] == "| 64 | plain vLLM | – | – | 0.50 / 1.50 | – | – |"
