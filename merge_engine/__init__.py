@@ -32,6 +32,7 @@ from .errors import (
 from .export import save_adapter
 from .merge import MergeReport, MergeResult, MergeSpec, merge
 from .methods.registry import METHODS
+from .methods.tara import TaraPhi
 from .pico import CalibrationCache
 from .pool import AdapterPool
 from .preference import normalize_preference
@@ -58,6 +59,7 @@ __all__ = [
     "MergedDiagnostics",
     "PoolDiagnostics",
     "SpectrumStats",
+    "TaraPhi",
     "UnsupportedAdapterError",
     "load_adapter",
     "merge",

@@ -28,6 +28,7 @@ class TaskSet:
     b: tuple[torch.Tensor, ...]  # per task: [G, out, r_t]
     a: tuple[torch.Tensor, ...]  # per task: [G, r_t, in]
     rho: torch.Tensor  # [n] preference restricted to these tasks, sums to 1
+    phi: torch.Tensor | None = None  # [G, n, R]: TARA's tuned weights, for methods that take φ
 
     @property
     def out_features(self) -> int:
@@ -65,6 +66,7 @@ class TaskSet:
             modules=self.modules[start:stop],
             b=tuple(b[start:stop] for b in self.b),
             a=tuple(a[start:stop] for a in self.a),
+            phi=None if self.phi is None else self.phi[start:stop],
         )
 
 
@@ -131,6 +133,7 @@ class MergeMethod(ABC, Generic[P]):
     name: ClassVar[str]
     summary: ClassVar[str]
     exact_low_rank: ClassVar[bool]
+    takes_phi: ClassVar[bool] = False  # TARA's per-(task, component) weights (MergeSpec.phi)
     params_type: type[P]
 
     @abstractmethod

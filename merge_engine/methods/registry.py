@@ -12,6 +12,7 @@ from .full_space import DareLinear, DareTies, Ties
 from .knots import KnotsDareTies, KnotsTies
 from .svd_cur import SvdCur
 from .ta import TaskArithmetic
+from .tara import Tara
 from .tsvm import Tsvm
 
 
@@ -48,5 +49,6 @@ METHODS = MethodRegistry(
         KnotsDareTies(),
         Core(),
         SvdCur(),
+        Tara(),
     ]
 )
