@@ -6,6 +6,7 @@ uploaded prompts in the background."""
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -142,3 +143,43 @@ def test_the_server_tunes_from_uploaded_prompts_in_the_background(
         assert client.merge(tenant_id="t-tune").phi_digest == tenant.tuning.phi_digest
     finally:
         client.delete_tenant("t-tune")
+
+
+def test_tune_entropy_writes_phi_and_the_adapter_it_gives(
+    default_assets: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loramerge.server.cli import main
+    from loramerge_client.tuning import read_phi_file
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        '{"prompt": "What is 12 + 30?", "task": "add"}\n'
+        '{"messages": [{"role": "user", "content": "What is 41 + 17?"}], "adapter": "add"}\n'
+        "Reverse the order of these words: stone river lamp\n"
+    )
+    pairs = [(n, default_assets.adapters[n]) for n in ("add", "reverse")]
+    adapters = [arg for n, p in pairs for arg in ("--adapter", f"{n}={p}")]
+    out = tmp_path / "tara"
+    code = main(
+        ["tune", "--objective", "entropy", *adapters, "--preference", "add=3",
+         "--preference", "reverse=1", "--model", str(default_assets.model_dir), "--prompts",
+         str(prompts), "--steps", "2", "--batch-size", "2", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads((out / "tune.json").read_text())
+    assert len(summary["losses"]) == 2 and summary["assigned_by_entropy"] == 1
+    assert summary["prompts"]["add"] >= 2 and summary["config"]["steps"] == 2
+    assert summary["preference"] == {"add": 0.75, "reverse": 0.25}
+    data = read_phi_file(out / "phi.json")  # what `tenants set --tuned` reads
+    assert data["adapters"] == ["add", "reverse"]
+    phi = TaraPhi(data["adapters"], {k: torch.tensor(v) for k, v in data["modules"].items()})
+    assert phi.digest == data["phi_digest"]
+    # the PEFT adapter written is the tara merge with exactly this φ
+    pool = AdapterPool.load({n: Path(p) for n, p in pairs})
+    expected = merge(pool, {"add": 3, "reverse": 1}, MergeSpec("tara", pico=False, phi=phi))
+    written = load_adapter(out)
+    for key, module in expected.modules.items():
+        got = written.modules[key]
+        want = module.lora_b.double() @ module.lora_a.double()
+        delta = got.scale * got.lora_b.double() @ got.lora_a.double()
+        assert torch.linalg.norm(delta - want) <= 1e-5 * torch.linalg.norm(want), key
