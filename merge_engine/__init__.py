@@ -33,6 +33,7 @@ from .errors import (
 from .export import save_adapter
 from .merge import MergeReport, MergeResult, MergeSpec, merge
 from .methods.registry import METHODS
+from .methods.tara import TaraPhi
 from .pico import CalibrationCache
 from .pool import AdapterPool
 from .preference import normalize_preference
@@ -63,6 +64,7 @@ __all__ = [
     "MissingStatisticsError",
     "PoolDiagnostics",
     "SpectrumStats",
+    "TaraPhi",
     "UnsupportedAdapterError",
     "load_adapter",
     "load_statistics",

@@ -18,6 +18,7 @@ from .errors import InvalidParameterError
 from .linalg import LowRank, compact, frobenius_sq, pad_rank
 from .methods.base import MethodParams, TaskSet, check_finite, check_positive_int
 from .methods.registry import METHODS
+from .methods.tara import TaraPhi, basis_size, check_phi, stack_phi
 from .pico import CalibrationCache, compensation
 from .pool import AdapterPool
 from .preference import normalize_preference
@@ -33,7 +34,8 @@ class MergeSpec:
     `rank` is the target rank of methods that truncate a dense update (default: the summed
     rank of the merged adapters) and a cap for every method (the excess is truncated and the
     retained energy reported). `params` maps parameter names to values (or is the method's
-    parameter dataclass).
+    parameter dataclass). `phi` is TARA's tuned φ (method `tara` only): one [n, R] matrix per
+    module, rows for the merged adapters in pool order; checked against the pool by `merge`.
     """
 
     method: str = "ta"
@@ -43,10 +45,17 @@ class MergeSpec:
     svc: bool = False
     svc_alpha: float = 1.0
     rank: int | None = None
+    phi: TaraPhi | None = None
 
     def __post_init__(self) -> None:
         check_positive_int("rank", self.rank)
         check_finite("svc_alpha", self.svc_alpha)
+        if self.phi is not None and not isinstance(self.phi, TaraPhi):
+            raise InvalidParameterError("phi", f"must be a TaraPhi, got {type(self.phi).__name__}")
+        if self.phi is not None and not METHODS.get(self.method).takes_phi:
+            raise InvalidParameterError(
+                "phi", f"method {self.method!r} takes no φ (only tara does)"
+            )
 
     def resolved_params(self) -> MethodParams:
         method = METHODS.get(self.method)
@@ -81,6 +90,7 @@ class MergeReport:
     calibration_cache_hit: bool | None  # None without Pico
     device: str
     dtype: str
+    phi: str | None = None  # digest of TARA's tuned φ when one was given
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for JSON): nested dataclasses and mappings become dicts."""
@@ -122,6 +132,18 @@ class _PhaseTimer:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
+def phi_sizes(pool: AdapterPool, active: tuple[int, ...]) -> dict[str, int]:
+    """Module key → q, the size of TARA's shared basis when the adapters `active` (pool
+    indices) are merged: the largest R a φ may give."""
+    sizes = {}
+    for module in pool.module_names:
+        parts = [pool.adapters[i].modules[module] for i in active]
+        sizes[module] = basis_size(
+            parts[0].out_features, parts[0].in_features, [p.rank for p in parts]
+        )
+    return sizes
+
+
 def merge(
     pool: AdapterPool,
     preference: Mapping[str, float],
@@ -149,6 +171,8 @@ def merge(
 
     groups = pool.groups(device, dtype)
     moments = pool.moments(device, dtype, active) if method.needs_statistics else None
+    if spec.phi is not None:
+        check_phi(spec.phi, [pool.names[i] for i in active], phi_sizes(pool, active))
     hit: bool | None = None
     if spec.pico:
         with timer("calibrate"):
@@ -166,6 +190,7 @@ def merge(
             a=tuple(group.scaled_a[i] for i in active),
             rho=rho_active,
             moments=None if moments is None else tuple(moments[index][i] for i in active),
+            phi=None if spec.phi is None else stack_phi(spec.phi, group.modules).to(device, dtype),
         )
         target_rank = min(spec.rank or tasks.total_rank, tasks.out_features, tasks.in_features)
         with timer("merge"):
@@ -216,6 +241,7 @@ def merge(
         calibration_cache_hit=hit,
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
+        phi=spec.phi.digest if spec.phi is not None else None,
     )
     return MergeResult(
         pool_fingerprint=pool.fingerprint,

@@ -57,6 +57,7 @@ from .selection import Selector
 from .servicers import AdaptersServicer, MergesServicer, TenantsServicer
 from .store import Store, open_store
 from .tls import server_credentials
+from .tuning import Tuner
 from .versions import LoraEngine, VersionBuilder
 
 logger = logging.getLogger("loramerge.server")
@@ -185,7 +186,8 @@ async def _serve_grpc(
     )
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(generator), server)
     merges_pb2_grpc.add_MergesServicer_to_server(MergesServicer(selector, residency), server)
-    tenants_pb2_grpc.add_TenantsServicer_to_server(TenantsServicer(store, selector), server)
+    tuner = Tuner(store, registry, selector.phis, model)
+    tenants_pb2_grpc.add_TenantsServicer_to_server(TenantsServicer(store, selector, tuner), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
         AdaptersServicer(registry, residency, selector, settings.merge.device, store), server
     )

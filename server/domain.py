@@ -11,6 +11,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from loramerge.merge_engine import TaraPhi
+
 from .errors import InvalidRequestError, shown
 
 _TENANT_ID = re.compile(r"[A-Za-z0-9._@:-]{1,128}")
@@ -68,6 +70,50 @@ class MergeChoice:
         return cls(**values)
 
 
+TUNED_SOURCES = ("file", "prompts")
+
+
+@dataclass(frozen=True)
+class TunedSummary:
+    """What a tenant version's TARA weights φ were tuned for. φ itself is stored apart, by
+    `digest` (a tenant's records stay small; φ is read only to merge)."""
+
+    digest: str  # TaraPhi.digest
+    adapters: tuple[str, ...]  # φ's rows: the merged adapters, pool order
+    adapter_fingerprints: tuple[str, ...]  # their content fingerprints, same order
+    preference: Mapping[str, float]  # normalised, the adapters of the pool when tuned
+    pool_fingerprint: str  # informational
+    source: str  # "file" or "prompts"
+
+    def to_json(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data.update(
+            adapters=list(self.adapters),
+            adapter_fingerprints=list(self.adapter_fingerprints),
+            preference=dict(self.preference),
+        )
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TunedSummary:
+        return cls(
+            digest=str(data["digest"]),
+            adapters=tuple(data["adapters"]),
+            adapter_fingerprints=tuple(data["adapter_fingerprints"]),
+            preference=MappingProxyType({k: float(v) for k, v in data["preference"].items()}),
+            pool_fingerprint=str(data["pool_fingerprint"]),
+            source=str(data["source"]),
+        )
+
+
+@dataclass(frozen=True)
+class TunedWeights:
+    """A tenant's TARA weights with what they were tuned for."""
+
+    summary: TunedSummary
+    phi: TaraPhi
+
+
 @dataclass(frozen=True)
 class TenantRecord:
     """One stored version of a tenant."""
@@ -77,6 +123,7 @@ class TenantRecord:
     merge: MergeChoice
     version: int
     updated_at: datetime  # timezone-aware UTC
+    tuned: TunedSummary | None = None  # TARA φ of this version, if it has one
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,13 @@ def _own_tenant(field: str) -> _Rule:
     return rule
 
 
+def _set_tenant(principal: auth.Principal, request: Any) -> None:
+    """A tenant key stores its own tenant; TARA weights from a file come from an admin."""
+    _own_tenant("tenant.tenant_id")(principal, request)
+    if request.HasField("tuned"):
+        auth.authorize_admin(principal, "SetTenant with tuned weights")
+
+
 def _generation(principal: auth.Principal, request: Any) -> str:
     """Generate, GenerateStream, Merge and (through `.merge`) Export."""
     inner = request.merge if isinstance(request, merges_pb2.ExportRequest) else request
@@ -79,10 +86,11 @@ ACCESS: dict[str, _Rule] = {
     "Inference.GenerateStream": _generation,
     "Merges.Merge": _generation,
     "Merges.Export": _generation,
-    "Tenants.SetTenant": _own_tenant("tenant.tenant_id"),
+    "Tenants.SetTenant": _set_tenant,
     "Tenants.GetTenant": _own_tenant("tenant_id"),
     "Tenants.ListTenants": _admin("ListTenants"),
     "Tenants.DeleteTenant": _admin("DeleteTenant"),
+    "Tenants.TuneTenant": _own_tenant("tenant_id"),
     "Adapters.ListAdapters": _any,
     "Adapters.RegisterAdapter": _admin("RegisterAdapter"),
     "Adapters.RemoveAdapter": _admin("RemoveAdapter"),

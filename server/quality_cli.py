@@ -3,8 +3,9 @@
 eval   score the base model, each default adapter and every merge method without/with Pico (and
        SVC) on the default tasks; parameters chosen on a validation split; writes the table into
        docs/quality.md and a PNG next to it. Results are cached per variant.
-tune   merge local adapters, then train the merged factors on unlabeled prompts to match the
-       teacher adapters (`--objective distill`); writes a PEFT adapter and tune.json.
+tune   on unlabeled prompts: train the merged factors to match the teacher adapters
+       (`--objective distill`), or TARA Variant B's weights φ by the entropy pseudo-loss
+       (`--objective entropy`); writes a PEFT adapter and tune.json (and phi.json for TARA).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from loramerge.merge_engine import METHODS, AdapterPool, MergeSpec, save_adapter
+from loramerge_client.tuning import read_prompt_file
 
 from .config import load_settings
 
@@ -50,22 +52,36 @@ def add_parser(commands: Any) -> None:
     )  # fmt: skip
     evaluate.set_defaults(run=_eval)
 
-    tune = commands.add_parser("tune", help="merge, then distill the merge on unlabeled prompts")
+    tune = commands.add_parser(
+        "tune",
+        help="tune a merge on unlabeled prompts: distill it, or TARA's φ (--objective entropy)",
+    )
     tune.add_argument(
         "--adapter", action="append", default=[], metavar="NAME=DIR",
         help="a teacher adapter (default: the prepared default pool)",
     )  # fmt: skip
     tune.add_argument("--preference", action="append", default=[], metavar="NAME=WEIGHT")
-    tune.add_argument("--prompts", type=Path, help="JSONL (prompt or messages) or text lines")
+    tune.add_argument(
+        "--prompts", type=Path,
+        help="JSONL (prompt or messages, optional task/adapter: the adapter whose task it is) "
+        "or text lines",
+    )  # fmt: skip
     tune.add_argument(
         "--task-prompts", type=int, metavar="N",
         help="instead of --prompts: N unlabeled prompts per default task (seed 2002)",
     )  # fmt: skip
-    tune.add_argument("--method", default="ta", choices=METHODS.names())
+    tune.add_argument(
+        "--method", default="ta", choices=METHODS.names(),
+        help="the merge to start from (entropy: ta or tara, TA on TARA's shared basis)",
+    )  # fmt: skip
     tune.add_argument("--pico", action=argparse.BooleanOptionalAction, default=False)
-    tune.add_argument("--objective", choices=["distill"], default="distill")
+    tune.add_argument("--objective", choices=["distill", "entropy"], default="distill")
     tune.add_argument("--weighting", choices=["confidence", "preference"], default="confidence")
-    tune.add_argument("--steps", type=int, default=200)
+    tune.add_argument("--steps", type=int, help="optimizer steps (distill 200, entropy 500)")
+    tune.add_argument(
+        "--scaling", type=float,
+        help="entropy: λ of the initial φ_i = λ·n·ρ_i (default 1/n, TA's)",
+    )  # fmt: skip
     tune.add_argument("--batch-size", type=int, default=16)
     tune.add_argument("--lr", type=float, default=1e-3)
     tune.add_argument("--model", type=Path, help="base model directory (default: embedded)")
@@ -77,37 +93,16 @@ def add_parser(commands: Any) -> None:
 def read_prompts(path: Path) -> list[str]:
     """Prompts from JSONL (`prompt`, or `messages` whose last user turn is taken) or plain
     lines. Errors name the file and line."""
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        text = line.strip()
-        if not text:
-            continue
-        if not text.startswith("{"):
-            prompts.append(text)
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SystemExit(f"loramerge tune: {path}:{number}: invalid JSON ({err.msg})") from None
-        prompts.append(_prompt_of(record, f"{path}:{number}"))
-    if not prompts:
-        raise SystemExit(f"loramerge tune: {path} holds no prompts")
-    return prompts
+    return [text for text, _task in read_task_prompts(path)]
 
 
-def _prompt_of(record: Any, where: str) -> str:
-    if isinstance(record, dict) and isinstance(record.get("prompt"), str):
-        return str(record["prompt"])
-    messages = record.get("messages") if isinstance(record, dict) else None
-    if isinstance(messages, list):
-        users = [
-            m["content"]
-            for m in messages
-            if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str)
-        ]
-        if users:
-            return str(users[-1])
-    raise SystemExit(f"loramerge tune: {where}: expected a 'prompt' string or user 'messages'")
+def read_task_prompts(path: Path) -> list[tuple[str, str | None]]:
+    """(prompt, task) from JSONL or plain lines, as `read_prompts`; a JSONL line may name the
+    adapter whose task the prompt is in a `task` (or `adapter`) string field, else None."""
+    try:
+        return read_prompt_file(path)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"loramerge tune: {err}") from None
 
 
 def _default_assets(config: Path | None) -> Any:
@@ -227,20 +222,25 @@ def _tune(args: argparse.Namespace) -> int:
         assets = _default_assets(args.config)
         adapters, model_dir = assets.adapters, args.model or assets.model_dir
     if args.prompts is not None:
-        prompts = read_prompts(args.prompts)
+        tasks = read_task_prompts(args.prompts)
     elif args.task_prompts:
-        prompts = [e.prompt for t in TASKS for e in t.examples(CALIBRATION_SEED, args.task_prompts)]
+        tasks = [
+            (e.prompt, t.name) for t in TASKS for e in t.examples(CALIBRATION_SEED, args.task_prompts)
+        ]
     else:
         raise SystemExit("loramerge tune: give --prompts FILE or --task-prompts N")
+    prompts = [text for text, _task in tasks]
     pool = AdapterPool.load(adapters)
     preference = _weights(args.preference) or {name: 1.0 for name in pool.names}
+    if args.objective == "entropy":
+        return _tune_entropy(args, pool, preference, model_dir, tasks)
     config = DistillConfig(
-        steps=args.steps,
+        steps=args.steps if args.steps is not None else 200,
         batch_size=args.batch_size,
         learning_rate=args.lr,
         weighting=args.weighting,
     )
-    with tqdm(total=args.steps, desc="distilling", unit="step", file=sys.stderr) as bar:
+    with tqdm(total=config.steps, desc="distilling", unit="step", file=sys.stderr) as bar:
 
         def step(done: int, total: int, loss: float) -> None:
             bar.update(done - bar.n)
@@ -270,4 +270,58 @@ def _tune(args: argparse.Namespace) -> int:
     }
     (path / "tune.json").write_text(json.dumps(summary, indent=2, default=str))
     print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2, default=str))
+    return 0
+
+
+def _tune_entropy(
+    args: argparse.Namespace,
+    pool: AdapterPool,
+    preference: dict[str, float],
+    model_dir: Path,
+    tasks: list[tuple[str, str | None]],
+) -> int:
+    from tqdm import tqdm
+
+    from .defaults.tara import Prompt, TuneConfig, tune, write_phi_json
+
+    if args.method not in ("ta", "tara") or args.pico:
+        raise SystemExit(
+            "loramerge tune: --objective entropy tunes TARA's φ, which starts from TA on the "
+            "shared basis: use --method ta (or tara) without --pico"
+        )
+    unknown = sorted({task for _text, task in tasks if task and task not in pool.names})
+    if unknown:
+        raise SystemExit(
+            f"loramerge tune: prompts name tasks that are no adapter: {', '.join(unknown)} "
+            f"(the adapters: {', '.join(pool.names)})"
+        )
+    try:
+        config = TuneConfig(
+            steps=args.steps if args.steps is not None else 500,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            scaling=args.scaling,
+        )
+    except ValueError as err:
+        raise SystemExit(f"loramerge tune: {err}") from None
+    with tqdm(total=config.steps, desc="tuning φ", unit="step", file=sys.stderr) as bar:
+
+        def step(done: int, total: int, loss: float) -> None:
+            bar.update(done - bar.n)
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+        result = tune(
+            model_dir,
+            pool,
+            preference,
+            [Prompt(text, task) for text, task in tasks],
+            config,
+            progress=lambda line: print(line, file=sys.stderr),
+            step_progress=step,
+        )
+    path = save_adapter(result.merged, args.out)
+    summary = write_phi_json(result, pool, path / "phi.json")
+    (path / "tune.json").write_text(json.dumps(summary, indent=2, default=str))
+    shown = {k: v for k, v in summary.items() if k not in ("losses", "modules")}
+    print(json.dumps({"path": str(path), **shown}, indent=2, default=str))
     return 0

@@ -23,6 +23,7 @@ from .domain import MergeChoice, validate_tenant_id
 from .errors import ConfigError, ConflictError, InvalidRequestError
 from .registry import AdapterRegistry
 from .store import Store
+from .tuning import PhiCache, apply_tuned
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class Selector:
         self._settings = settings
         self._store = store
         self._registry = registry
+        self.phis = PhiCache(store)  # tenants' TARA weights, by digest
         self._defaults = default_choice(settings)
         self._fallback = MergeChoice(
             method=settings.merge.fallback_method,
@@ -115,6 +117,8 @@ class Selector:
     ) -> Selection | None:
         """The merge serving a request; None for the base model (no preference anywhere)."""
         stored = MergeChoice()
+        record = None
+        inline = bool(preference)
         if tenant_id:
             validate_tenant_id(tenant_id)
             record = await asyncio.to_thread(self._store.get_tenant, tenant_id)
@@ -129,6 +133,8 @@ class Selector:
         lacking: tuple[str, ...] = ()
         if overrides.method is None and stored.method is None:
             spec, lacking = self._fall_back(spec, pool, rho)
+        if record is not None:  # the tenant's TARA weights, where they apply (server/tuning.py)
+            spec = await apply_tuned(self.phis, record, pool, spec, inline)
         return Selection(pool, spec, rho, tenant_id if tenant_id in self._hot else None, lacking)
 
     def _fall_back(

@@ -26,13 +26,19 @@ from loramerge.v1 import (
 )
 
 from . import translate
-from .domain import validate_tenant_id
+from .domain import TenantRecord, validate_tenant_id
 from .errors import ConflictError, InvalidRequestError, OverloadedError
 from .logs import annotate
 from .registry import AdapterRegistry
 from .residency import Residency
 from .selection import Selection, Selector
 from .store import Store
+from .tuning import PromptItem, Tuner, check_tuned, tuned_choice
+
+MAX_TUNING_PROMPTS = 4096
+MAX_TUNING_PROMPT = 4096  # characters
+MAX_TUNING_STEPS = 2000
+DEFAULT_TUNING_STEPS = 200
 
 MAX_PAGE = 1000
 EXPORT_CHUNK = 1 << 20
@@ -56,9 +62,13 @@ def _tenants_using(store: Store, adapter: str) -> list[str]:
 
 
 class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
-    def __init__(self, store: Store, selector: Selector) -> None:
+    def __init__(self, store: Store, selector: Selector, tuner: Tuner) -> None:
         self._store = store
         self._selector = selector
+        self._tuner = tuner
+
+    def _to_proto(self, record: TenantRecord) -> tenants_pb2.Tenant:
+        return translate.tenant_to_proto(record, self._tuner.status(record, self._tuner.pool))
 
     async def SetTenant(
         self, request: tenants_pb2.SetTenantRequest, context: grpc.aio.ServicerContext
@@ -67,6 +77,12 @@ class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
         validate_tenant_id(tenant.tenant_id, "tenant.tenant_id")
         preference = translate.preference_from_proto(tenant.preference, "tenant.preference")
         choice = translate.merge_choice_from_proto(tenant.merge)
+        tuned = None
+        if request.HasField("tuned"):
+            tuned = translate.tuned_from_proto(request.tuned, "tuned")
+            preference = preference or dict(tuned.summary.preference)
+            choice = tuned_choice(choice, "tenant.merge")
+            check_tuned(tuned, self._selector.require_pool(), preference)
         self._selector.validate(preference, choice)
         expected = (
             _version(request.expected_version, "expected_version", lowest=0)
@@ -74,10 +90,12 @@ class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
             else None
         )
         record = await asyncio.to_thread(
-            self._store.set_tenant, tenant.tenant_id, preference, choice, expected
+            self._store.set_tenant, tenant.tenant_id, preference, choice, expected, tuned
         )
+        if tuned is not None:
+            self._selector.phis.put(tuned.phi)
         annotate(tenant=record.tenant_id, tenant_version=record.version)
-        return tenants_pb2.SetTenantResponse(tenant=translate.tenant_to_proto(record))
+        return tenants_pb2.SetTenantResponse(tenant=self._to_proto(record))
 
     async def GetTenant(
         self, request: tenants_pb2.GetTenantRequest, context: grpc.aio.ServicerContext
@@ -85,7 +103,44 @@ class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
         validate_tenant_id(request.tenant_id)
         version = _version(request.version, "version") if request.HasField("version") else None
         record = await asyncio.to_thread(self._store.get_tenant, request.tenant_id, version)
-        return tenants_pb2.GetTenantResponse(tenant=translate.tenant_to_proto(record))
+        return tenants_pb2.GetTenantResponse(tenant=self._to_proto(record))
+
+    async def TuneTenant(
+        self, request: tenants_pb2.TuneTenantRequest, context: grpc.aio.ServicerContext
+    ) -> tenants_pb2.TuneTenantResponse:
+        validate_tenant_id(request.tenant_id)
+        if not 1 <= len(request.prompts) <= MAX_TUNING_PROMPTS:
+            raise InvalidRequestError(
+                "prompts", f"needs 1–{MAX_TUNING_PROMPTS} prompts, got {len(request.prompts)}"
+            )
+        prompts = []
+        for index, item in enumerate(request.prompts):
+            if not item.prompt.strip() or len(item.prompt) > MAX_TUNING_PROMPT:
+                raise InvalidRequestError(
+                    f"prompts[{index}].prompt", f"must be 1–{MAX_TUNING_PROMPT} characters"
+                )
+            if item.task:
+                validate_adapter_name(item.task, f"prompts[{index}].task")
+            prompts.append(PromptItem(item.prompt, item.task or None))
+        steps = request.steps if request.HasField("steps") else DEFAULT_TUNING_STEPS
+        if not 1 <= steps <= MAX_TUNING_STEPS:
+            raise InvalidRequestError("steps", f"must be in [1, {MAX_TUNING_STEPS}], got {steps}")
+        rate = request.learning_rate if request.HasField("learning_rate") else 1e-3
+        if not 0 < rate <= 1:  # NaN fails too
+            raise InvalidRequestError("learning_rate", f"must be in (0, 1], got {rate}")
+        pool = self._selector.require_pool()
+        for index, item in enumerate(prompts):
+            if item.task is not None and item.task not in pool.names:
+                raise InvalidRequestError(
+                    f"prompts[{index}].task",
+                    f"no adapter {item.task!r} in the pool ({', '.join(pool.names)})",
+                )
+        record = await asyncio.to_thread(self._store.get_tenant, request.tenant_id)
+        self._tuner.start(record, pool, prompts, steps, rate)
+        annotate(tenant=record.tenant_id, tenant_version=record.version)
+        status = self._tuner.status(record, pool)
+        assert status is not None
+        return tenants_pb2.TuneTenantResponse(tuning=translate.tuning_to_proto(status))
 
     async def ListTenants(
         self, request: tenants_pb2.ListTenantsRequest, context: grpc.aio.ServicerContext
@@ -99,7 +154,7 @@ class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
         records = await asyncio.to_thread(self._store.list_tenants, size + 1, after)
         page, more = records[:size], len(records) > size
         return tenants_pb2.ListTenantsResponse(
-            tenants=[translate.tenant_to_proto(r) for r in page],
+            tenants=[self._to_proto(r) for r in page],
             next_page_token=page[-1].tenant_id if more else "",
         )
 
@@ -108,6 +163,7 @@ class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
     ) -> tenants_pb2.DeleteTenantResponse:
         validate_tenant_id(request.tenant_id)
         await asyncio.to_thread(self._store.delete_tenant, request.tenant_id)
+        self._tuner.forget(request.tenant_id)
         return tenants_pb2.DeleteTenantResponse()
 
 

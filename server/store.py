@@ -9,6 +9,7 @@ replicas). Inputs are validated before they reach the store: it stores what it i
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import sqlite3
@@ -20,7 +21,18 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from .domain import AdapterRegistration, ApiKey, MergeChoice, TenantRecord, validate_tenant_id
+from loramerge.merge_engine import TaraPhi
+from loramerge.merge_engine.methods.tara import float32_bytes, tensor_from_float32_bytes
+
+from .domain import (
+    AdapterRegistration,
+    ApiKey,
+    MergeChoice,
+    TenantRecord,
+    TunedSummary,
+    TunedWeights,
+    validate_tenant_id,
+)
 from .errors import AlreadyExistsError, ConfigError, ConflictError, NotFoundError
 
 logger = logging.getLogger(__name__)
@@ -36,10 +48,16 @@ class Store(Protocol):
         preference: Mapping[str, float],
         merge: MergeChoice,
         expected_version: int | None = None,
+        tuned: TunedWeights | None = None,
     ) -> TenantRecord:
         """Store a new version of the tenant (1 for the first, then +1) and return it.
         With `expected_version`, store only if the latest version equals it (0: the tenant must
-        not exist yet), else raise `ConflictError` naming the current version."""
+        not exist yet), else raise `ConflictError` naming the current version. `tuned` gives
+        the version TARA weights φ (stored once per content, by digest)."""
+        ...
+
+    def get_phi(self, digest: str) -> TaraPhi:
+        """The TARA weights φ with this digest (`NotFoundError` if none is stored)."""
         ...
 
     def get_tenant(self, tenant_id: str, version: int | None = None) -> TenantRecord:
@@ -219,9 +237,26 @@ def _migrate_1_to_2(db: Database) -> None:
     )
 
 
+def _migrate_2_to_3(db: Database) -> None:
+    # TARA weights φ: a tenant version names its φ by digest (with a JSON summary of what φ was
+    # tuned for); φ itself (tens of KiB) is stored once per content in `tuned_weights`, so that
+    # reading a tenant stays cheap and versions that keep the same φ share it.
+    db.execute("ALTER TABLE tenant_versions ADD COLUMN tuned_digest TEXT")  # NULL: no φ
+    db.execute("ALTER TABLE tenant_versions ADD COLUMN tuned TEXT")  # JSON: TunedSummary
+    db.execute(
+        f"""
+        CREATE TABLE tuned_weights (
+            digest {db.key_type} PRIMARY KEY,  -- SHA-256 of φ (TaraPhi.digest)
+            phi TEXT NOT NULL,                 -- JSON: adapters, and per module shape + base64
+            created_at TEXT NOT NULL           -- ISO 8601, UTC offset included
+        )
+        """
+    )
+
+
 # Step i takes the schema from version i to i + 1. Released steps never change: a new schema
 # appends a step (a function, so that it can rewrite data as well as tables).
-_MIGRATIONS: tuple[_Migration, ...] = (_migrate_0_to_1, _migrate_1_to_2)
+_MIGRATIONS: tuple[_Migration, ...] = (_migrate_0_to_1, _migrate_1_to_2, _migrate_2_to_3)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -307,6 +342,7 @@ class SqlStore:
         preference: Mapping[str, float],
         merge: MergeChoice,
         expected_version: int | None = None,
+        tuned: TunedWeights | None = None,
     ) -> TenantRecord:
         validate_tenant_id(tenant_id)
         # allow_nan=False: NaN is not JSON (PostgreSQL's jsonb rejects it); validation upstream
@@ -317,6 +353,12 @@ class SqlStore:
             allow_nan=False,
         )
         merge_json = json.dumps(merge.to_json(), sort_keys=True, allow_nan=False)
+        digest = tuned.summary.digest if tuned is not None else None
+        tuned_json = (
+            json.dumps(tuned.summary.to_json(), sort_keys=True, allow_nan=False)
+            if tuned is not None
+            else None
+        )
         with self._write() as conn:
             updated_at = _now()  # inside the write lock: later versions never get earlier times
             row = conn.execute(
@@ -340,13 +382,45 @@ class SqlStore:
                     "UPDATE tenants SET latest_version = ? WHERE tenant_id = ?",
                     (version, tenant_id),
                 )
+            if tuned is not None and not self._has_phi(conn, tuned.phi.digest):
+                conn.execute(
+                    "INSERT INTO tuned_weights (digest, phi, created_at) VALUES (?, ?, ?)",
+                    (tuned.phi.digest, _phi_text(tuned.phi), updated_at.isoformat()),
+                )
             conn.execute(
-                "INSERT INTO tenant_versions (tenant_id, version, preference, merge, updated_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (tenant_id, version, preference_json, merge_json, updated_at.isoformat()),
+                "INSERT INTO tenant_versions (tenant_id, version, preference, merge, updated_at,"
+                " tuned_digest, tuned) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    tenant_id,
+                    version,
+                    preference_json,
+                    merge_json,
+                    updated_at.isoformat(),
+                    digest,
+                    tuned_json,
+                ),
             )
         # Decoded from what was stored, so that this equals what get_tenant returns later.
-        return _tenant(tenant_id, version, preference_json, merge_json, updated_at.isoformat())
+        return _tenant(
+            tenant_id, version, preference_json, merge_json, updated_at.isoformat(), tuned_json
+        )
+
+    @staticmethod
+    def _has_phi(conn: Database, digest: str) -> bool:
+        query = "SELECT 1 FROM tuned_weights WHERE digest = ?"
+        return conn.execute(query, (digest,)).fetchone() is not None
+
+    def get_phi(self, digest: str) -> TaraPhi:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT phi FROM tuned_weights WHERE digest = ?", (digest,)
+            ).fetchone()
+        if row is None:
+            raise NotFoundError(f"no TARA weights {digest[:16]}… are stored", "phi_digest")
+        phi = _phi_from_text(row[0])
+        if phi.digest != digest:
+            raise ValueError(f"the stored TARA weights {digest[:16]}… do not match their digest")
+        return phi
 
     def get_tenant(self, tenant_id: str, version: int | None = None) -> TenantRecord:
         with self._read() as conn:
@@ -386,6 +460,10 @@ class SqlStore:
             deleted = conn.execute("DELETE FROM tenants WHERE tenant_id = ?", (tenant_id,))
             if deleted.rowcount == 0:
                 raise NotFoundError(f"no tenant {tenant_id!r}", "tenant_id")
+            conn.execute(
+                "DELETE FROM tuned_weights WHERE digest NOT IN (SELECT tuned_digest"
+                " FROM tenant_versions WHERE tuned_digest IS NOT NULL)"
+            )
 
     # --- adapters ---
 
@@ -492,10 +570,10 @@ def _api_key(
     )
 
 
-_COLUMNS = "tenant_id, version, preference, merge, updated_at"
+_COLUMNS = "tenant_id, version, preference, merge, updated_at, tuned"
 _SELECT_VERSION = f"SELECT {_COLUMNS} FROM tenant_versions"
 _SELECT_LATEST = (
-    "SELECT v.tenant_id, v.version, v.preference, v.merge, v.updated_at"
+    "SELECT v.tenant_id, v.version, v.preference, v.merge, v.updated_at, v.tuned"
     " FROM tenants t JOIN tenant_versions v"
     " ON v.tenant_id = t.tenant_id AND v.version = t.latest_version"
 )
@@ -506,7 +584,12 @@ def _now() -> datetime:
 
 
 def _tenant(
-    tenant_id: str, version: int, preference: str, merge: str, updated_at: str
+    tenant_id: str,
+    version: int,
+    preference: str,
+    merge: str,
+    updated_at: str,
+    tuned: str | None = None,
 ) -> TenantRecord:
     weights: dict[str, Any] = json.loads(preference)
     return TenantRecord(
@@ -515,7 +598,29 @@ def _tenant(
         merge=MergeChoice.from_json(json.loads(merge)),
         version=int(version),
         updated_at=datetime.fromisoformat(updated_at),
+        tuned=TunedSummary.from_json(json.loads(tuned)) if tuned else None,
     )
+
+
+def _phi_text(phi: TaraPhi) -> str:
+    """φ as JSON: its adapters and, per module, the shape and the float32 values (little
+    endian, base64). Exact: decoding gives the same digest."""
+    modules = {
+        key: {
+            "shape": list(value.shape),
+            "values": base64.b64encode(float32_bytes(value)).decode(),
+        }
+        for key, value in phi.modules.items()
+    }
+    return json.dumps({"adapters": list(phi.adapters), "modules": modules}, sort_keys=True)
+
+
+def _phi_from_text(text: str) -> TaraPhi:
+    data = json.loads(text)
+    modules = {}
+    for key, item in data["modules"].items():
+        modules[key] = tensor_from_float32_bytes(base64.b64decode(item["values"]), item["shape"])
+    return TaraPhi(data["adapters"], modules)
 
 
 # --- SQLite -------------------------------------------------------------------------------------

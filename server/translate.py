@@ -7,15 +7,23 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from loramerge.merge_engine import LoraAdapter, MergedDiagnostics, PoolDiagnostics
+from loramerge.merge_engine import (
+    LoraAdapter,
+    MergedDiagnostics,
+    PoolDiagnostics,
+    TaraPhi,
+    validate_adapter_name,
+)
 from loramerge.merge_engine.diagnostics import ModuleDiagnostics, SpectrumStats, Summary
 from loramerge.merge_engine.methods.parameters import PARAMETERS
 from loramerge.v1 import adapters_pb2, inference_pb2, merge_pb2, merges_pb2, tenants_pb2
 
-from .domain import MergeChoice, TenantRecord
+from .domain import MergeChoice, TenantRecord, TunedSummary, TunedWeights
 from .errors import InvalidRequestError, shown
+from .tuning import TuningStatus
 from .versions import Version
 
 _PARAMETERS = tuple(PARAMETERS)
@@ -24,6 +32,17 @@ MAX_NAME = 64  # method names and string parameters
 MAX_PARAMETER = 1e3  # |scaling|, |mix|, ...: larger only overflows the merge
 MAX_SEED = 2**63 - 1
 MAX_RANK = 512  # vLLM's largest max_lora_rank
+MAX_PHI = 1e3  # |φ|: TARA weights beyond it only blow the merge up
+MAX_MODULES = 4096  # modules of one φ
+MAX_COMPONENTS = MAX_PREFERENCE_ENTRIES * MAX_RANK  # the largest shared basis
+MAX_MODULE_KEY = 512
+MAX_FINGERPRINT = 128
+_TUNING_STATES = {
+    "active": tenants_pb2.Tuning.STATE_ACTIVE,
+    "stale": tenants_pb2.Tuning.STATE_STALE,
+    "running": tenants_pb2.Tuning.STATE_RUNNING,
+    "failed": tenants_pb2.Tuning.STATE_FAILED,
+}
 _FINISH = {
     "stop": inference_pb2.FINISH_REASON_STOP,
     "length": inference_pb2.FINISH_REASON_LENGTH,
@@ -95,16 +114,100 @@ def merge_choice_to_proto(choice: MergeChoice) -> merge_pb2.MergeOptions:
     return options
 
 
-def tenant_to_proto(record: TenantRecord) -> tenants_pb2.Tenant:
+def tenant_to_proto(record: TenantRecord, tuning: TuningStatus | None = None) -> tenants_pb2.Tenant:
     stamp = Timestamp()
     stamp.FromDatetime(record.updated_at)
-    return tenants_pb2.Tenant(
+    tenant = tenants_pb2.Tenant(
         tenant_id=record.tenant_id,
         preference=dict(record.preference),
         merge=merge_choice_to_proto(record.merge),
         version=record.version,
         update_time=stamp,
     )
+    if tuning is not None:
+        tenant.tuning.CopyFrom(tuning_to_proto(tuning))
+    return tenant
+
+
+def tuning_to_proto(status: TuningStatus) -> tenants_pb2.Tuning:
+    return tenants_pb2.Tuning(
+        state=_TUNING_STATES[status.state],
+        phi_digest=status.digest,
+        message=status.message,
+        source=status.source,
+        adapters=list(status.adapters),
+        steps_done=status.steps_done,
+        steps_total=status.steps_total,
+    )
+
+
+def tuned_from_proto(message: tenants_pb2.TunedWeights, field: str) -> TunedWeights:
+    """TARA weights as a client sent them, checked for shape and bounds (every value finite,
+    |φ| ≤ MAX_PHI, one row per adapter); the pool checks come later (`tuning.check_tuned`)."""
+    adapters = list(message.adapters)
+    if not 1 <= len(adapters) <= MAX_PREFERENCE_ENTRIES:
+        raise InvalidRequestError(
+            f"{field}.adapters", f"needs 1–{MAX_PREFERENCE_ENTRIES} names, got {len(adapters)}"
+        )
+    for index, name in enumerate(adapters):
+        validate_adapter_name(name, f"{field}.adapters[{index}]")
+    if len(set(adapters)) != len(adapters):
+        raise InvalidRequestError(f"{field}.adapters", "names an adapter twice")
+    fingerprints = list(message.adapter_fingerprints)
+    if len(fingerprints) != len(adapters):
+        raise InvalidRequestError(
+            f"{field}.adapter_fingerprints",
+            f"needs one per adapter ({len(adapters)}), got {len(fingerprints)}",
+        )
+    for index, fingerprint in enumerate(fingerprints):
+        if not fingerprint or len(fingerprint) > MAX_FINGERPRINT:
+            raise InvalidRequestError(
+                f"{field}.adapter_fingerprints[{index}]", f"{shown(fingerprint)} is no fingerprint"
+            )
+    if len(message.pool_fingerprint) > MAX_FINGERPRINT:
+        raise InvalidRequestError(f"{field}.pool_fingerprint", "is too long")
+    preference = preference_from_proto(message.preference, f"{field}.preference")
+    if not preference:
+        raise InvalidRequestError(f"{field}.preference", "is empty: say what φ was tuned for")
+    if not 1 <= len(message.modules) <= MAX_MODULES:
+        raise InvalidRequestError(
+            f"{field}.modules", f"needs 1–{MAX_MODULES} modules, got {len(message.modules)}"
+        )
+    modules: dict[str, torch.Tensor] = {}
+    for index, module in enumerate(message.modules):
+        where = f"{field}.modules[{index}]"
+        if not module.module or len(module.module) > MAX_MODULE_KEY:
+            raise InvalidRequestError(f"{where}.module", f"{shown(module.module)} is no module")
+        if module.module in modules:
+            raise InvalidRequestError(f"{where}.module", f"{module.module!r} is given twice")
+        if not 1 <= module.components <= MAX_COMPONENTS:
+            raise InvalidRequestError(
+                f"{where}.components", f"must be in [1, {MAX_COMPONENTS}], got {module.components}"
+            )
+        expected = len(adapters) * module.components
+        if len(module.values) != expected:
+            raise InvalidRequestError(
+                f"{where}.values",
+                f"needs adapters × components = {len(adapters)} × {module.components} = "
+                f"{expected} values, got {len(module.values)}",
+            )
+        values = torch.tensor(list(module.values), dtype=torch.float32)
+        if not bool(torch.isfinite(values).all()) or float(values.abs().max()) > MAX_PHI:
+            bad = next(v for v in module.values if not math.isfinite(v) or abs(v) > MAX_PHI)
+            raise InvalidRequestError(
+                f"{where}.values", f"every weight must be finite, |φ| ≤ {MAX_PHI:g}; got {bad}"
+            )
+        modules[module.module] = values.reshape(len(adapters), module.components)
+    phi = TaraPhi(adapters, modules)
+    summary = TunedSummary(
+        digest=phi.digest,
+        adapters=phi.adapters,
+        adapter_fingerprints=tuple(fingerprints),
+        preference=MappingProxyType(preference),
+        pool_fingerprint=message.pool_fingerprint,
+        source="file",
+    )
+    return TunedWeights(summary, phi)
 
 
 def finish_reason(reason: str | None) -> int:
@@ -136,6 +239,7 @@ def merge_response(version: Version, cached: bool) -> merges_pb2.MergeResponse:
         pool_fingerprint=version.key.pool_fingerprint,
         method=report.method,
         preference=dict(report.preference),
+        phi_digest=report.phi or "",
     )
     if report.calibration_cache_hit is not None:
         response.calibration_cache_hit = report.calibration_cache_hit

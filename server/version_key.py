@@ -1,6 +1,7 @@
 """What makes two merged adapters the same: the version key.
 
-A key is (pool fingerprint, canonical merge spec, quantised preference). Preferences are rounded
+A key is (pool fingerprint, canonical merge spec — with the digest of TARA's φ when there is
+one —, quantised preference). Preferences are rounded
 to units of the preference step so that nearby preferences share one merged version.
 """
 
@@ -72,6 +73,8 @@ def version_key(
         "svc_alpha": spec.svc_alpha,
         "rank": spec.rank,
     }
+    if spec.phi is not None:  # TARA's tuned weights, by content
+        canonical["phi"] = spec.phi.digest
     return VersionKey(
         pool.fingerprint, json.dumps(canonical, sort_keys=True), quantize_preference(rho, step)
     )

@@ -30,6 +30,7 @@ class TaskSet:
     rho: torch.Tensor  # [n] preference restricted to these tasks, sums to 1
     moments: tuple[torch.Tensor, ...] | None = None  # per task: [G, in, in] E[x xᵀ] of the
     # module inputs on the task's prompts; only for rules that need statistics (RegMean)
+    phi: torch.Tensor | None = None  # [G, n, R]: TARA's tuned weights, for methods that take φ
 
     @property
     def out_features(self) -> int:
@@ -68,6 +69,7 @@ class TaskSet:
             b=tuple(b[start:stop] for b in self.b),
             a=tuple(a[start:stop] for a in self.a),
             moments=None if self.moments is None else tuple(m[start:stop] for m in self.moments),
+            phi=None if self.phi is None else self.phi[start:stop],
         )
 
 
@@ -136,6 +138,7 @@ class MergeMethod(ABC, Generic[P]):
     exact_low_rank: ClassVar[bool]
     needs_statistics: ClassVar[bool] = False
     """Whether the rule reads the adapters' input statistics (`TaskSet.moments`)."""
+    takes_phi: ClassVar[bool] = False  # TARA's per-(task, component) weights (MergeSpec.phi)
     params_type: type[P]
 
     @abstractmethod

@@ -13,6 +13,7 @@ from .knots import KnotsDareTies, KnotsTies
 from .regmean import RegMean
 from .svd_cur import SvdCur
 from .ta import TaskArithmetic
+from .tara import Tara
 from .tsvm import Tsvm
 
 
@@ -50,5 +51,6 @@ METHODS = MethodRegistry(
         Core(),
         SvdCur(),
         RegMean(),
+        Tara(),
     ]
 )

@@ -41,6 +41,11 @@ EVERY_RPC: list[tuple[str, Message, type[Message]]] = [
         tenants_pb2.DeleteTenantRequest(tenant_id=OWN),
         tenants_pb2.DeleteTenantResponse,
     ),
+    (  # no prompts: past authorization it is INVALID_ARGUMENT, and no tuning starts
+        "/loramerge.v1.Tenants/TuneTenant",
+        tenants_pb2.TuneTenantRequest(tenant_id=OWN),
+        tenants_pb2.TuneTenantResponse,
+    ),
     (
         "/loramerge.v1.Adapters/RegisterAdapter",
         adapters_pb2.RegisterAdapterRequest(name="x", path="/x"),
@@ -146,6 +151,9 @@ def test_a_tenant_key_acts_only_as_its_tenant(server: ServerProcess, own_key: st
                 continue  # same rule as Generate; one LoRA generation is enough
             if path == "/loramerge.v1.Tenants/SetTenant":
                 continue  # would drop OWN's preference; checked below
+            if path == "/loramerge.v1.Tenants/TuneTenant":  # allowed: its own prompts
+                assert code_of(channel, path, request, response) == grpc.StatusCode.INVALID_ARGUMENT
+                continue
             code = code_of(channel, path, request, response)
             assert (code == grpc.StatusCode.OK) == (path in allowed), (path, code)
             if path not in allowed:
@@ -159,6 +167,16 @@ def test_a_tenant_key_acts_only_as_its_tenant(server: ServerProcess, own_key: st
             (
                 "/loramerge.v1.Tenants/SetTenant",
                 tenants_pb2.SetTenantRequest(tenant={"tenant_id": OTHER}),
+                tenants_pb2.SetTenantResponse,
+            ),
+            (
+                "/loramerge.v1.Tenants/TuneTenant",
+                tenants_pb2.TuneTenantRequest(tenant_id=OTHER),
+                tenants_pb2.TuneTenantResponse,
+            ),
+            (  # TARA weights from a file come from an admin
+                "/loramerge.v1.Tenants/SetTenant",
+                tenants_pb2.SetTenantRequest(tenant={"tenant_id": OWN}, tuned={"adapters": ["x"]}),
                 tenants_pb2.SetTenantResponse,
             ),
             (

@@ -42,6 +42,7 @@ RPCS: dict[str, type[Message]] = {
     "/loramerge.v1.Tenants/GetTenant": tenants_pb2.GetTenantResponse,
     "/loramerge.v1.Tenants/ListTenants": tenants_pb2.ListTenantsResponse,
     "/loramerge.v1.Tenants/DeleteTenant": tenants_pb2.DeleteTenantResponse,
+    "/loramerge.v1.Tenants/TuneTenant": tenants_pb2.TuneTenantResponse,
     "/loramerge.v1.Adapters/RegisterAdapter": adapters_pb2.RegisterAdapterResponse,
     "/loramerge.v1.Adapters/RemoveAdapter": adapters_pb2.RemoveAdapterResponse,
     "/loramerge.v1.Adapters/ListAdapters": adapters_pb2.ListAdaptersResponse,
@@ -104,6 +105,30 @@ def _generate(**fields: Any) -> inference_pb2.GenerateRequest:
     return inference_pb2.GenerateRequest(**{"prompt": "hi", "max_tokens": 1, **fields})
 
 
+def _tuned(first: str, values: list[float] | None = None, **fields: Any) -> Any:
+    """SetTenant with TARA weights φ for `first` alone (one module, 2 components)."""
+    module = tenants_pb2.ModuleWeights(
+        module="base_model.model.model.layers.0.self_attn.q_proj",
+        components=2,
+        values=[0.5, 0.5] if values is None else values,
+    )
+    weights = {
+        "adapters": [first],
+        "adapter_fingerprints": ["f" * 64],
+        "preference": {first: 1.0},
+        "modules": [module],
+        **fields,
+    }
+    return tenants_pb2.SetTenantRequest(
+        tenant=_tenant().tenant, tuned=tenants_pb2.TunedWeights(**weights)
+    )
+
+
+def _tune(**fields: Any) -> tenants_pb2.TuneTenantRequest:
+    prompts = [tenants_pb2.TuningPrompt(prompt="What is 1 + 2?")]
+    return tenants_pb2.TuneTenantRequest(**{"tenant_id": USER, "prompts": prompts, **fields})
+
+
 def _merge(**fields: Any) -> merges_pb2.MergeRequest:
     return merges_pb2.MergeRequest(**fields)
 
@@ -113,8 +138,8 @@ def _params(**values: Any) -> merge_pb2.MergeOptions:
 
 
 _TENANTS, _ADAPTERS = "/loramerge.v1.Tenants/", "/loramerge.v1.Adapters/"
-SET, GET, LIST, DELETE = (
-    _TENANTS + n for n in ("SetTenant", "GetTenant", "ListTenants", "DeleteTenant")
+SET, GET, LIST, DELETE, TUNE = (
+    _TENANTS + n for n in ("SetTenant", "GetTenant", "ListTenants", "DeleteTenant", "TuneTenant")
 )
 REGISTER, REMOVE, DIAGNOSE = (
     _ADAPTERS + n for n in ("RegisterAdapter", "RemoveAdapter", "GetDiagnostics")
@@ -163,6 +188,105 @@ def catalogue(first: str, root: Path) -> list[tuple[str, str, Any, grpc.StatusCo
             PRECONDITION,
             "expected_version",
         ),
+        # TARA weights φ (SetTenant.tuned): bounds, shapes and the pool, nothing stored
+        ("tuned-nan", SET, _tuned(first, [0.5, float("nan")]), INVALID, "tuned.modules[0].values"),
+        ("tuned-inf", SET, _tuned(first, [float("inf"), 0.5]), INVALID, "tuned.modules[0].values"),
+        ("tuned-huge", SET, _tuned(first, [1e30, 0.5]), INVALID, "tuned.modules[0].values"),
+        ("tuned-too-few", SET, _tuned(first, [0.5]), INVALID, "tuned.modules[0].values"),
+        ("tuned-too-many", SET, _tuned(first, [0.5] * 3), INVALID, "tuned.modules[0].values"),
+        (
+            "tuned-100k-values",
+            SET,
+            _tuned(first, [0.5] * 100_000),
+            INVALID,
+            "tuned.modules[0].values",
+        ),
+        (
+            "tuned-components-0",
+            SET,
+            _tuned(first, [], modules=[tenants_pb2.ModuleWeights(module="m", components=0)]),
+            INVALID,
+            "tuned.modules[0].components",
+        ),
+        ("tuned-no-adapters", SET, _tuned(first, adapters=[]), INVALID, "tuned.adapters"),
+        ("tuned-bad-adapter", SET, _tuned(first, adapters=["a b"]), INVALID, "tuned.adapters[0]"),
+        (
+            "tuned-fingerprints",
+            SET,
+            _tuned(first, adapter_fingerprints=[]),
+            INVALID,
+            "tuned.adapter_fingerprints",
+        ),
+        ("tuned-no-modules", SET, _tuned(first, modules=[]), INVALID, "tuned.modules"),
+        ("tuned-no-preference", SET, _tuned(first, preference={}), INVALID, "tuned.preference"),
+        (
+            "tuned-preference-nan",
+            SET,
+            _tuned(first, preference={first: float("nan")}),
+            INVALID,
+            "tuned.preference",
+        ),
+        ("tuned-wrong-pool", SET, _tuned(first), INVALID, "tuned.adapter_fingerprints[0]"),
+        (
+            "tuned-unknown-adapter",
+            SET,
+            _tuned(first, adapters=["nope"], preference={"nope": 1.0}),
+            INVALID,
+            "tuned.adapters[0]",
+        ),
+        (
+            "tuned-method-ties",
+            SET,
+            tenants_pb2.SetTenantRequest(
+                tenant=_tenant(merge={"method": "ties"}).tenant, tuned=_tuned(first).tuned
+            ),
+            INVALID,
+            "tenant.merge.method",
+        ),
+        # TuneTenant: prompts and settings are checked before anything runs
+        ("tune-no-prompts", TUNE, _tune(prompts=[]), INVALID, "prompts"),
+        (
+            "tune-4097-prompts",
+            TUNE,
+            _tune(prompts=[tenants_pb2.TuningPrompt(prompt="hi")] * 4097),
+            INVALID,
+            "prompts",
+        ),
+        (
+            "tune-prompt-100k",
+            TUNE,
+            _tune(prompts=[tenants_pb2.TuningPrompt(prompt=LONG)]),
+            INVALID,
+            "prompts[0].prompt",
+        ),
+        (
+            "tune-prompt-blank",
+            TUNE,
+            _tune(prompts=[tenants_pb2.TuningPrompt(prompt="  ")]),
+            INVALID,
+            "prompts[0].prompt",
+        ),
+        (
+            "tune-task-unknown",
+            TUNE,
+            _tune(prompts=[tenants_pb2.TuningPrompt(prompt="hi", task="nope")]),
+            INVALID,
+            "prompts[0].task",
+        ),
+        (
+            "tune-task-invalid",
+            TUNE,
+            _tune(prompts=[tenants_pb2.TuningPrompt(prompt="hi", task="a b")]),
+            INVALID,
+            "prompts[0].task",
+        ),
+        ("tune-steps-0", TUNE, _tune(steps=0), INVALID, "steps"),
+        ("tune-steps-huge", TUNE, _tune(steps=2**32 - 1), INVALID, "steps"),
+        ("tune-lr-nan", TUNE, _tune(learning_rate=float("nan")), INVALID, "learning_rate"),
+        ("tune-lr-big", TUNE, _tune(learning_rate=5.0), INVALID, "learning_rate"),
+        ("tune-lr-0", TUNE, _tune(learning_rate=0.0), INVALID, "learning_rate"),
+        ("tune-id", TUNE, _tune(tenant_id="a b"), INVALID, "tenant_id"),
+        ("tune-unknown", TUNE, _tune(tenant_id="t-nobody"), NOT_FOUND, "tenant_id"),
         (
             "get-version-2^63",
             GET,
@@ -546,6 +670,7 @@ NOT_UTF8 = {  # a string field of each request (ListAdaptersRequest has none), n
     GET: b"\x0a" + _BAD,
     LIST: b"\x12" + _BAD,  # page_token
     DELETE: b"\x0a" + _BAD,
+    TUNE: b"\x0a" + _BAD,
     REGISTER: b"\x0a" + _BAD,
     REMOVE: b"\x0a" + _BAD,
     DIAGNOSE: b"\x1a\x04\x0a" + _BAD,  # merge.method

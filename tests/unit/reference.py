@@ -109,6 +109,18 @@ def knots_space(deltas: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
     return u, [s[:, None] * vh[:, t * k : (t + 1) * k] for t in range(len(deltas))]
 
 
+def tara(deltas: list[Tensor], phi: Tensor) -> Tensor:
+    """TARA Variant B, eq. 9: Σ_i Σ_{k ≤ R} φ_ik σ_k u_k v_kiᵀ with [ΔW_1 | … | ΔW_n] = U Σ Vᵀ
+    and v_ki the i-th block of v_k. phi: [n, R]."""
+    k = deltas[0].shape[1]
+    u, s, vh = svd(torch.cat(deltas, dim=1))
+    merged = torch.zeros_like(deltas[0])
+    for i in range(len(deltas)):
+        for c in range(phi.shape[1]):
+            merged += phi[i, c] * s[c] * torch.outer(u[:, c], vh[c, i * k : (i + 1) * k])
+    return merged
+
+
 def core_space(bs: list[Tensor], scaled_as: list[Tensor]) -> tuple[Tensor, Tensor]:
     """U_B (left singular vectors of B_cat) and V_A (right singular vectors of A_cat, rows)."""
     u_b, _, _ = svd(torch.cat(bs, dim=1))

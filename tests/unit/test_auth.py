@@ -134,12 +134,18 @@ def test_the_auth_switch_comes_from_the_environment() -> None:
     assert not load_settings(environ={}).auth.enabled
 
 
-def test_a_version_1_store_gains_the_keys_table(tmp_path: Path) -> None:
+def test_a_version_1_store_gains_the_keys_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import loramerge.server.store as store_module
+
     path = tmp_path / "old.db"
-    SqliteStore(path).close()
-    with sqlite3.connect(path) as conn:  # make it look like a store from before API keys
-        conn.execute("DROP TABLE api_keys")
-        conn.execute("UPDATE schema_version SET version = 1")
+    with monkeypatch.context() as old:  # a store from before API keys: schema 1
+        old.setattr(store_module, "_MIGRATIONS", store_module._MIGRATIONS[:1])
+        old.setattr(store_module, "SCHEMA_VERSION", 1)
+        SqliteStore(path).close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchone() == (1,)
     reopened = SqliteStore(path)
     try:
         _, record = auth.new_key("admin")

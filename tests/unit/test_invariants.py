@@ -11,7 +11,8 @@ import torch
 
 from conftest import delta
 from factories import random_factors, write_adapter, write_statistics
-from loramerge.merge_engine import AdapterPool, MergeSpec, merge
+from loramerge.merge_engine import AdapterPool, MergeSpec, TaraPhi, merge
+from loramerge.merge_engine.merge import phi_sizes
 
 
 def adapter_delta(pool: AdapterPool, name: str, module: str) -> torch.Tensor:
@@ -32,6 +33,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
         ("core", {}),
         ("dare_ties", {"drop_rate": 0.0}),
         ("regmean", {}),
+        ("tara", {}),
     ],
 )
 def test_one_hot_preference_reproduces_the_adapter(
@@ -101,7 +103,8 @@ def test_zero_weight_adapters_take_no_part(tmp_path: Path) -> None:
     ]
     small = AdapterPool.load(paths[:2])
     large = AdapterPool.load(paths)
-    for method in ("ta", "dare_linear", "tsvm", "ties", "knots_ties", "svd_cur", "core", "regmean"):
+    methods = ("ta", "dare_linear", "tsvm", "ties", "knots_ties", "svd_cur", "core", "regmean", "tara")
+    for method in methods:
         for pico in (False, True):
             spec = MergeSpec(method, pico=pico)
             left = merge(small, {"a": 1, "b": 2}, spec, dtype="float64")
@@ -109,6 +112,59 @@ def test_zero_weight_adapters_take_no_part(tmp_path: Path) -> None:
             for module in small.module_names:
                 error = relative(delta(right.modules[module]), delta(left.modules[module]))
                 assert error < 1e-10, (method, pico, module)
+
+
+def phi_for(pool: AdapterPool, names: list[str], value: float | None = None) -> TaraPhi:
+    """φ over `names` on every component (seeded random values unless `value` is given)."""
+    generator = torch.Generator().manual_seed(3)
+    sizes = phi_sizes(pool, tuple(pool.names.index(n) for n in names))
+    return TaraPhi(
+        names,
+        {
+            key: torch.full((len(names), size), value)
+            if value is not None
+            else torch.rand(len(names), size, generator=generator)
+            for key, size in sizes.items()
+        },
+    )
+
+
+def test_tara_zero_weight_adapter_changes_nothing_with_phi(tmp_path: Path) -> None:
+    """φ has rows for the merged adapters only: the same φ gives the same merge whether or not
+    the pool holds an adapter of weight 0."""
+    shared = torch.randn(24, 8, generator=torch.Generator().manual_seed(1))
+    paths = [
+        write_adapter(tmp_path / n, random_factors(i, shared=shared)) for i, n in enumerate("abc")
+    ]
+    small, large = AdapterPool.load(paths[:2]), AdapterPool.load(paths)
+    phi = phi_for(small, ["a", "b"])
+    spec = MergeSpec("tara", pico=False, phi=phi)
+    left = merge(small, {"a": 1, "b": 2}, spec, dtype="float64")
+    right = merge(large, {"a": 1, "b": 2, "c": 0}, spec, dtype="float64")
+    for module in small.module_names:
+        assert relative(delta(right.modules[module]), delta(left.modules[module])) < 1e-10
+
+
+def test_tara_one_hot_phi_of_ones_returns_the_adapter(pool3: AdapterPool) -> None:
+    result = merge(
+        pool3, {"math": 1}, MergeSpec("tara", pico=False, phi=phi_for(pool3, ["math"], 1.0))
+    )
+    for module in pool3.module_names:
+        assert relative(delta(result.modules[module]), adapter_delta(pool3, "math", module)) < 1e-6
+
+
+def test_tara_phi_equal_to_the_task_weights_is_task_arithmetic(pool3: AdapterPool) -> None:
+    preference = {"code": 1.0, "finance": 2.0, "math": 1.0}
+    ta = merge(pool3, preference, MergeSpec("ta", {"scaling": 0.3}, pico=False), dtype="float64")
+    weights = [0.3 * 3 * w / 4 for w in (1.0, 2.0, 1.0)]  # λ · n · ρ_i
+    sizes = phi_sizes(pool3, (0, 1, 2))
+    phi = TaraPhi(
+        pool3.names,
+        {key: torch.tensor(weights)[:, None].expand(-1, size) for key, size in sizes.items()},
+    )
+    tara = merge(pool3, preference, MergeSpec("tara", pico=False, phi=phi), dtype="float64")
+    for module in pool3.module_names:
+        assert relative(delta(tara.modules[module]), delta(ta.modules[module])) < 1e-6
 
 
 def test_rank_cap_truncates_and_reports_energy(pool3: AdapterPool) -> None:

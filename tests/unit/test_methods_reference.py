@@ -10,7 +10,7 @@ import torch
 
 import reference as ref
 from factories import random_factors, write_adapter, write_statistics
-from loramerge.merge_engine import AdapterPool, MergeSpec, merge
+from loramerge.merge_engine import AdapterPool, MergeSpec, TaraPhi, merge
 from loramerge.merge_engine.methods.regmean import RegMeanParams
 from loramerge.merge_engine.methods.svd_cur import SvdCurParams
 
@@ -69,6 +69,13 @@ def core_rule(inner: Callable[[list[Tensor], list[str], str], Tensor]) -> Rule:
         return u_b @ inner(cores, names, module) @ v_a
 
     return rule
+
+
+def tara_phi(rho: list[float], scaling: float, taus: list[Tensor]) -> Tensor:
+    """TARA's φ without tuning: λ · n · ρ_i on every component of the shared basis."""
+    components = min(taus[0].shape[0], sum(int(torch.linalg.matrix_rank(t)) for t in taus))
+    weights = torch.tensor([scaling * len(rho) * r for r in rho], dtype=torch.float64)
+    return weights[:, None].expand(-1, components)
 
 
 def reference_rules(pool: AdapterPool) -> dict[str, tuple[dict[str, object], Rule]]:
@@ -135,6 +142,11 @@ def reference_rules(pool: AdapterPool) -> dict[str, tuple[dict[str, object], Rul
             {"density": 0.6, "mix": None},
             lambda t, nm, m, b, a: ref.svd_cur(t, rho, 0.5, 0.6, 5, None),
         ),
+        "tara": ({}, lambda t, nm, m, b, a: ref.tara(t, tara_phi(rho, 1 / n, t))),
+        "tara_scaled": (
+            {"scaling": 0.4},
+            lambda t, nm, m, b, a: ref.tara(t, tara_phi(rho, 0.4, t)),
+        ),
         "svd_cur_mix": (
             {"density": 0.6},
             lambda t, nm, m, b, a: ref.svd_cur(t, rho, 0.5, 0.6, 5, SVD_CUR_MIX),
@@ -148,7 +160,7 @@ DENSE = {"ties", "dare_linear", "dare_ties"}
 CASES = [
     "ta", "ta_scaled", "ties", "dare_linear", "dare_ties", "tsvm", "knots_ties",
     "knots_dare_ties", "core", "core_ties", "core_tsvm", "core_dare_ties", "svd_cur",
-    "svd_cur_mix", "regmean", "regmean_scaled",
+    "svd_cur_mix", "regmean", "regmean_scaled", "tara", "tara_scaled",
 ]  # fmt: skip
 
 
@@ -181,6 +193,39 @@ def test_method_matches_dense_fp64_reference(pool: AdapterPool, case: str, pico:
         actual = part.lora_b @ part.lora_a
         error = torch.linalg.norm(actual - expected) / torch.linalg.norm(expected)
         assert error < 1e-9, f"{case} pico={pico} {module}: relative error {error:.2e}"
+
+
+def random_phi(pool: AdapterPool, truncate: int) -> TaraPhi:
+    """Seeded φ in [-1, 2) for the merged adapters, `truncate` components short of the basis."""
+    generator = torch.Generator().manual_seed(17)
+    names = [n for n in pool.names if PREFERENCE.get(n, 0) > 0]
+    modules = {}
+    for module in pool.module_names:
+        bs, _, _ = module_inputs(pool, module)
+        size = min(bs[0].shape[0], sum(b.shape[1] for b in bs))
+        modules[module] = torch.rand(len(names), size - truncate, generator=generator) * 3 - 1
+    return TaraPhi(names, modules)
+
+
+@pytest.mark.parametrize("truncate", [0, 3], ids=["all-components", "top-R"])
+@pytest.mark.parametrize("pico", [False, True], ids=["plain", "pico"])
+def test_tara_with_phi_matches_reference(pool: AdapterPool, pico: bool, truncate: int) -> None:
+    phi = random_phi(pool, truncate)
+    spec = MergeSpec(method="tara", pico=pico, phi=phi)
+    result = merge(pool, PREFERENCE, spec, device="cpu", dtype="float64")
+    assert result.report.phi == phi.digest
+    for module in pool.module_names:
+        bs, scaled_as, _ = module_inputs(pool, module)
+        originals = [b @ a for b, a in zip(bs, scaled_as, strict=True)]
+        taus = ref.pico_calibrate(bs, originals) if pico else originals
+        expected = ref.tara(taus, phi.modules[module].double())
+        if pico:
+            expected = ref.pico_compensate(expected, originals, rho_active(pool))
+        part = result.modules[module]
+        error = torch.linalg.norm(part.lora_b @ part.lora_a - expected) / torch.linalg.norm(
+            expected
+        )
+        assert error < 1e-9, f"tara pico={pico} R=q-{truncate} {module}: relative error {error:.2e}"
 
 
 @pytest.mark.parametrize("method", ["ta", "ties", "knots_ties"])

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import torch
 
-from loramerge.server.domain import MergeChoice
+from loramerge.merge_engine import TaraPhi
+from loramerge.server.domain import MergeChoice, TunedSummary, TunedWeights
 from loramerge.server.errors import (
     AlreadyExistsError,
     ConfigError,
@@ -382,3 +384,81 @@ def test_api_keys_round_trip_and_revoke(store: SqlStore) -> None:
     with pytest.raises(NotFoundError) as missing:
         store.revoke_api_key("f" * 16)
     assert missing.value.field == "key_id"
+
+
+def _tuned(value: float, adapters: tuple[str, ...] = ("code", "math")) -> TunedWeights:
+    phi = TaraPhi(adapters, {"m.q_proj": torch.full((len(adapters), 3), value)})
+    summary = TunedSummary(
+        digest=phi.digest,
+        adapters=adapters,
+        adapter_fingerprints=tuple(f"fp-{name}" for name in adapters),
+        preference={name: 1 / len(adapters) for name in adapters},
+        pool_fingerprint="pool-1",
+        source="file",
+    )
+    return TunedWeights(summary, phi)
+
+
+def test_tuned_weights_are_stored_with_a_version_and_read_back_exactly(store: SqlStore) -> None:
+    tuned = _tuned(0.123456789)
+    first = store.set_tenant("acme", {"code": 1.0, "math": 1.0}, MergeChoice("tara"), None, tuned)
+    plain = store.set_tenant("acme", {"code": 1.0, "math": 1.0}, MergeChoice("tara"))
+
+    assert first.tuned == tuned.summary
+    assert store.get_tenant("acme", version=1) == first
+    assert plain.tuned is None and store.get_tenant("acme").tuned is None
+    phi = store.get_phi(tuned.phi.digest)
+    assert phi == tuned.phi and phi.adapters == ("code", "math")
+    assert torch.equal(phi.modules["m.q_proj"], tuned.phi.modules["m.q_proj"])
+    with pytest.raises(NotFoundError) as absent:
+        store.get_phi("0" * 64)
+    assert absent.value.field == "phi_digest"
+
+
+def test_tuned_weights_are_shared_by_content_and_go_with_the_last_tenant(store: SqlStore) -> None:
+    tuned = _tuned(0.5)
+    for tenant_id in ("acme", "globex"):
+        store.set_tenant(tenant_id, {"code": 1.0, "math": 1.0}, MergeChoice("tara"), None, tuned)
+    store.delete_tenant("acme")
+    assert store.get_phi(tuned.phi.digest) == tuned.phi  # globex still uses it
+    store.delete_tenant("globex")
+    with pytest.raises(NotFoundError):
+        store.get_phi(tuned.phi.digest)
+
+
+def test_nothing_is_stored_when_a_tuned_set_fails_its_precondition(store: SqlStore) -> None:
+    store.set_tenant("acme", {"code": 1.0}, MergeChoice())
+    tuned = _tuned(0.25)
+    with pytest.raises(ConflictError):
+        store.set_tenant("acme", {"code": 1.0, "math": 1.0}, MergeChoice("tara"), 0, tuned)
+    with pytest.raises(NotFoundError):
+        store.get_phi(tuned.phi.digest)
+    assert store.get_tenant("acme").version == 1
+
+
+def test_a_store_from_before_tuned_weights_is_migrated_keeping_its_tenants(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import loramerge.server.store as store_module
+
+    with monkeypatch.context() as old:
+        old.setattr(store_module, "_MIGRATIONS", store_module._MIGRATIONS[:2])
+        old.setattr(store_module, "SCHEMA_VERSION", 2)
+        backend.open().close()
+    # a tenant as schema 2 stored it (its columns only)
+    backend.run("INSERT INTO tenants (tenant_id, latest_version) VALUES ('acme', 1)")
+    backend.run(
+        "INSERT INTO tenant_versions (tenant_id, version, preference, merge, updated_at) VALUES"
+        """ ('acme', 1, '{"code": 1.0}', '{"method": "ties"}', '2026-01-02T03:04:05+00:00')"""
+    )
+
+    after = backend.open()
+    try:
+        stored = after.get_tenant("acme")
+        assert stored.preference == {"code": 1.0} and stored.merge == MergeChoice("ties")
+        assert stored.tuned is None
+        tuned = _tuned(0.75)
+        again = after.set_tenant("acme", {"code": 1.0, "math": 1.0}, MergeChoice("tara"), 1, tuned)
+        assert again.version == 2 and after.get_tenant("acme").tuned == tuned.summary
+    finally:
+        after.close()

@@ -27,6 +27,7 @@ from .types import (
     MergeReport,
     RegisteredAdapter,
     Tenant,
+    Tuning,
 )
 
 __version__ = VERSION
@@ -56,6 +57,7 @@ __all__ = [
     "ResourceExhausted",
     "Retry",
     "Tenant",
+    "Tuning",
     "Unauthenticated",
     "Unavailable",
     "__version__",

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC
+from pathlib import Path
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from .tuning import read_phi_file
 from .types import (
     PARAMETERS,
     Adapter,
@@ -19,6 +21,7 @@ from .types import (
     Messages,
     RegisteredAdapter,
     Tenant,
+    Tuning,
 )
 from .v1 import adapters_pb2, inference_pb2, merge_pb2, merges_pb2, tenants_pb2
 
@@ -122,20 +125,57 @@ def chunk(response: inference_pb2.GenerateStreamResponse) -> GenerationChunk:
     return result
 
 
+TunedLike = str | Path | Mapping[str, Any]
+"""TARA weights: a phi.json path, or its content as a dict."""
+
+
 def set_tenant_request(
     tenant_id: str,
-    preference: Mapping[str, float],
+    preference: Mapping[str, float] | None,
     merge: MergeOptionsLike | None,
     expected_version: int | None,
+    tuned: TunedLike | None = None,
 ) -> tenants_pb2.SetTenantRequest:
     request = tenants_pb2.SetTenantRequest(
         tenant=tenants_pb2.Tenant(
-            tenant_id=tenant_id, preference=dict(preference), merge=merge_options(merge)
+            tenant_id=tenant_id, preference=dict(preference or {}), merge=merge_options(merge)
         )
     )
     if expected_version is not None:
         request.expected_version = expected_version
+    if tuned is not None:
+        request.tuned.CopyFrom(tuned_weights(tuned))
     return request
+
+
+def tuned_weights(value: TunedLike) -> tenants_pb2.TunedWeights:
+    """The TunedWeights message of a phi.json (path or content)."""
+    data = read_phi_file(value) if isinstance(value, str | Path) else value
+    message = tenants_pb2.TunedWeights(
+        adapters=list(data["adapters"]),
+        adapter_fingerprints=list(data["adapter_fingerprints"]),
+        preference={k: float(v) for k, v in data["preference"].items()},
+        pool_fingerprint=str(data.get("pool_fingerprint", "")),
+    )
+    for key, rows in data["modules"].items():
+        components = len(rows[0]) if rows else 0
+        message.modules.add(
+            module=key, components=components, values=[float(v) for row in rows for v in row]
+        )
+    return message
+
+
+def tuning(message: tenants_pb2.Tuning) -> Tuning:
+    state = tenants_pb2.Tuning.State.Name(message.state).removeprefix("STATE_").lower()
+    return Tuning(
+        state=state,
+        phi_digest=message.phi_digest,
+        message=message.message,
+        source=message.source,
+        adapters=list(message.adapters),
+        steps_done=message.steps_done,
+        steps_total=message.steps_total,
+    )
 
 
 def tenant(message: tenants_pb2.Tenant) -> Tenant:
@@ -145,7 +185,34 @@ def tenant(message: tenants_pb2.Tenant) -> Tenant:
         merge=merge_options_from(message.merge),
         version=message.version,
         update_time=message.update_time.ToDatetime(tzinfo=UTC),
+        tuning=tuning(message.tuning) if message.HasField("tuning") else None,
     )
+
+
+PromptLike = str | tuple[str, str | None] | Mapping[str, Any]
+"""A tuning prompt: its text, (text, task), or {"prompt": ..., "task": ...}."""
+
+
+def tune_tenant_request(
+    tenant_id: str,
+    prompts: Sequence[PromptLike],
+    steps: int | None,
+    learning_rate: float | None,
+) -> tenants_pb2.TuneTenantRequest:
+    request = tenants_pb2.TuneTenantRequest(tenant_id=tenant_id)
+    for item in prompts:
+        if isinstance(item, str):
+            text, task = item, None
+        elif isinstance(item, Mapping):
+            text, task = item["prompt"], item.get("task")
+        else:
+            text, task = item
+        request.prompts.add(prompt=text, task=task or "")
+    if steps is not None:
+        request.steps = steps
+    if learning_rate is not None:
+        request.learning_rate = learning_rate
+    return request
 
 
 def adapter(message: adapters_pb2.AdapterInfo) -> Adapter:
@@ -183,6 +250,7 @@ def merge_report(message: merges_pb2.MergeResponse) -> MergeReport:
         pool_fingerprint=message.pool_fingerprint,
         method=message.method,
         preference=dict(message.preference),
+        phi_digest=message.phi_digest,
     )
 
 

@@ -1,7 +1,7 @@
 """The `loramerge` command's remote subcommands, on a running server through `Client`:
 
 loramerge generate "PROMPT" [--tenant T] [--preference NAME=W ...] [--method M] [--stream]
-loramerge tenants set|get|list|delete ...
+loramerge tenants set|get|list|delete|tune ...
 loramerge adapters register|list|remove|diagnostics ...
 loramerge remote-merge [--tenant T | --preference NAME=W ...] [--export DIR]
 
@@ -23,6 +23,7 @@ from typing import Any
 from ._common import DEFAULT_TARGET, TLS
 from .client import Client
 from .errors import LoramergeError
+from .tuning import read_phi_file, read_prompt_file
 from .types import PARAMETERS, MergeOptions
 
 TARGET_ENV = "LORAMERGE_TARGET"
@@ -216,11 +217,20 @@ def _footer(adapter_id: str, finish_reason: str, tokens: int) -> None:
     print(f"[{adapter_id or 'base model'} · {tokens} tokens · {finish_reason}]", file=sys.stderr)
 
 
+def _tuning_cell(tuning: Any) -> str:
+    if tuning is None:
+        return "-"
+    if tuning.state == "running":
+        return f"running {tuning.steps_done}/{tuning.steps_total}"
+    digest = f" {tuning.phi_digest[:12]}" if tuning.phi_digest else ""
+    return f"{tuning.state}{digest}" + (f" ({tuning.message})" if tuning.message else "")
+
+
 def _tenant_rows(tenants: Iterable[Any]) -> None:
     _table(
-        ["TENANT", "VERSION", "PREFERENCE", "MERGE", "UPDATED"],
-        ((t.tenant_id, t.version, t.preference, t.merge.to_dict(), t.update_time.isoformat(
-            timespec="seconds")) for t in tenants),
+        ["TENANT", "VERSION", "PREFERENCE", "MERGE", "TUNING", "UPDATED"],
+        ((t.tenant_id, t.version, t.preference, t.merge.to_dict(), _tuning_cell(t.tuning),
+          t.update_time.isoformat(timespec="seconds")) for t in tenants),
     )  # fmt: skip
 
 
@@ -228,15 +238,34 @@ def _tenants(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "set":
             preference = parse_preference(args.preference)
-            if not preference:
+            if not preference and not args.tuned:
                 raise SystemExit("loramerge tenants set: give at least one --preference NAME=W")
+            try:
+                tuned = read_phi_file(args.tuned) if args.tuned else None
+            except ValueError as err:
+                raise SystemExit(f"loramerge tenants set: {err}") from None
             tenant = client.set_tenant(
                 args.tenant_id,
                 preference,
                 _merge_options(args),
                 expected_version=args.expected_version,
+                tuned=tuned,
             )
             tenants = [tenant]
+        elif args.action == "tune":
+            try:
+                prompts = read_prompt_file(args.prompts)
+            except (OSError, ValueError) as err:
+                raise SystemExit(f"loramerge tenants tune: {err}") from None
+            tuning = client.tune_tenant(
+                args.tenant_id, prompts, steps=args.steps, learning_rate=args.lr
+            )
+            if args.json:
+                _json(tuning)
+            else:
+                print(f"tenant {args.tenant_id}: {_tuning_cell(tuning)}; follow it with "
+                      f"`loramerge tenants get {args.tenant_id}`")  # fmt: skip
+            return 0
         elif args.action == "get":
             tenants = [client.get_tenant(args.tenant_id, version=args.version)]
         elif args.action == "list":
@@ -383,12 +412,28 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     set_cmd.add_argument("tenant_id")
     set_cmd.add_argument("--expected-version", type=int, help="only if it is at this version")
+    set_cmd.add_argument(
+        "--tuned", metavar="PHI_JSON",
+        help="TARA weights from `loramerge tune --objective entropy` (admin): the tenant is "
+        "served the tuned tara merge; --preference may be left out (φ's own)",
+    )  # fmt: skip
     get = actions.add_parser("get", parents=[connection], help="read a tenant")
     get.add_argument("tenant_id")
     get.add_argument("--version", type=int, help="a past version")
     actions.add_parser("list", parents=[connection], help="every tenant")
     delete = actions.add_parser("delete", parents=[connection], help="delete a tenant")
     delete.add_argument("tenant_id")
+    tune = actions.add_parser(
+        "tune", parents=[connection],
+        help="tune the tenant's TARA weights on unlabeled prompts, on the server (background)",
+    )  # fmt: skip
+    tune.add_argument("tenant_id")
+    tune.add_argument(
+        "--prompts", required=True,
+        help="JSONL (prompt or messages, optional task: the adapter whose task it is) or lines",
+    )  # fmt: skip
+    tune.add_argument("--steps", type=int, help="optimizer steps (server default 200)")
+    tune.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
     tenants.set_defaults(run=_guarded(_tenants, "tenants"))
 
     adapters = commands.add_parser("adapters", help="the server's adapter pool")

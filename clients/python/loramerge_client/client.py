@@ -31,6 +31,7 @@ from .types import (
     Messages,
     RegisteredAdapter,
     Tenant,
+    Tuning,
 )
 from .v1 import (
     adapters_pb2,
@@ -213,15 +214,18 @@ class Client:
     def set_tenant(
         self,
         tenant_id: str,
-        preference: Mapping[str, float],
+        preference: Mapping[str, float] | None,
         merge: MergeOptionsLike | None = None,
         *,
         expected_version: int | None = None,
+        tuned: convert.TunedLike | None = None,
         timeout: float | None = None,
     ) -> Tenant:
         """Create or replace a tenant (a new version each call). With `expected_version`, only
-        if the current version is that (0: must not exist), else `FailedPrecondition`."""
-        request = convert.set_tenant_request(tenant_id, preference, merge, expected_version)
+        if the current version is that (0: must not exist), else `FailedPrecondition`.
+        `tuned` gives TARA weights (a phi.json path or its content; admin keys only): the
+        preference may then be None (φ's own), and the method becomes tara."""
+        request = convert.set_tenant_request(tenant_id, preference, merge, expected_version, tuned)
         response = self._unary(
             self._tenants.SetTenant, request, tenant_id=tenant_id, timeout=timeout, retry=False
         )
@@ -248,6 +252,25 @@ class Client:
             token = page.next_page_token
             if not token:
                 return
+
+    def tune_tenant(
+        self,
+        tenant_id: str,
+        prompts: Sequence[convert.PromptLike],
+        *,
+        steps: int | None = None,
+        learning_rate: float | None = None,
+        timeout: float | None = None,
+    ) -> Tuning:
+        """Start tuning the tenant's TARA weights on unlabeled `prompts` (text, (text, task)
+        or {"prompt", "task"}: task is the adapter whose task it is) in the background on the
+        server; `get_tenant(...).tuning` follows it. `FailedPrecondition` where the server
+        cannot train, `ResourceExhausted` while another tuning runs."""
+        request = convert.tune_tenant_request(tenant_id, prompts, steps, learning_rate)
+        response = self._unary(
+            self._tenants.TuneTenant, request, tenant_id=tenant_id, timeout=timeout, retry=False
+        )
+        return convert.tuning(response.tuning)
 
     def delete_tenant(self, tenant_id: str, *, timeout: float | None = None) -> None:
         request = tenants_pb2.DeleteTenantRequest(tenant_id=tenant_id)

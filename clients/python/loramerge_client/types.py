@@ -66,12 +66,28 @@ class GenerationChunk(Generation):
 
 
 @dataclass(frozen=True)
+class Tuning:
+    """A tenant's TARA tuning. `state`: "active" (φ serves the tenant's merges), "stale" (φ no
+    longer fits the pool: the untuned merge serves; `message` says why), "running" (a tuning
+    from prompts, `steps_done` of `steps_total`) or "failed" (`message` says why)."""
+
+    state: str
+    phi_digest: str
+    message: str
+    source: str  # "file" or "prompts"
+    adapters: list[str]
+    steps_done: int
+    steps_total: int
+
+
+@dataclass(frozen=True)
 class Tenant:
     tenant_id: str
     preference: dict[str, float]
     merge: MergeOptions
     version: int
     update_time: datetime
+    tuning: Tuning | None = None
 
 
 @dataclass(frozen=True)
@@ -108,3 +124,4 @@ class MergeReport:
     pool_fingerprint: str
     method: str
     preference: dict[str, float]
+    phi_digest: str = ""  # TARA weights merged with (a tuned tenant's), else ""
