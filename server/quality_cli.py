@@ -224,9 +224,8 @@ def _tune(args: argparse.Namespace) -> int:
     if args.prompts is not None:
         tasks = read_task_prompts(args.prompts)
     elif args.task_prompts:
-        tasks = [
-            (e.prompt, t.name) for t in TASKS for e in t.examples(CALIBRATION_SEED, args.task_prompts)
-        ]
+        count = args.task_prompts
+        tasks = [(e.prompt, t.name) for t in TASKS for e in t.examples(CALIBRATION_SEED, count)]
     else:
         raise SystemExit("loramerge tune: give --prompts FILE or --task-prompts N")
     prompts = [text for text, _task in tasks]
