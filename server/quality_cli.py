@@ -18,6 +18,7 @@ from typing import Any
 
 from loramerge.merge_engine import METHODS, AdapterPool, MergeSpec, save_adapter
 
+from . import prompt_files
 from .config import load_settings
 
 
@@ -33,6 +34,11 @@ def add_parser(commands: Any) -> None:
     evaluate.add_argument(
         "--tuned", action="append", default=[], metavar="LABEL=DIR",
         help="also score a tuned PEFT adapter directory as its own row",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--routed", action="store_true",
+        help="also score the per-request router rows (router + ta, router + tsvm + pico; "
+        "`--methods router` selects them alone)",
     )  # fmt: skip
     evaluate.add_argument("--results", type=Path, help="cache of per-variant results")
     evaluate.add_argument("--doc", type=Path, default=Path("docs/quality.md"))
@@ -70,39 +76,12 @@ seeds)."""
 
 
 def read_prompts(path: Path) -> list[str]:
-    """Prompts from JSONL (`prompt`, or `messages` whose last user turn is taken) or plain
-    lines. Errors name the file and line."""
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        text = line.strip()
-        if not text:
-            continue
-        if not text.startswith("{"):
-            prompts.append(text)
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SystemExit(f"loramerge tune: {path}:{number}: invalid JSON ({err.msg})") from None
-        prompts.append(_prompt_of(record, f"{path}:{number}"))
-    if not prompts:
-        raise SystemExit(f"loramerge tune: {path} holds no prompts")
-    return prompts
-
-
-def _prompt_of(record: Any, where: str) -> str:
-    if isinstance(record, dict) and isinstance(record.get("prompt"), str):
-        return str(record["prompt"])
-    messages = record.get("messages") if isinstance(record, dict) else None
-    if isinstance(messages, list):
-        users = [
-            m["content"]
-            for m in messages
-            if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str)
-        ]
-        if users:
-            return str(users[-1])
-    raise SystemExit(f"loramerge tune: {where}: expected a 'prompt' string or user 'messages'")
+    """Prompts of a prompt file (`prompt_files.read_prompts`); errors exit naming the file and
+    line."""
+    try:
+        return prompt_files.read_prompts(path)
+    except prompt_files.PromptFileError as err:
+        raise SystemExit(f"loramerge tune: {err}") from None
 
 
 def _default_assets(config: Path | None) -> Any:
@@ -123,6 +102,7 @@ def _eval(args: argparse.Namespace) -> int:
         Variant,
         build_table,
         merge_variants,
+        routed_variants,
     )
     from .defaults.quality_report import write_markdown, write_plot
 
@@ -140,7 +120,7 @@ def _eval(args: argparse.Namespace) -> int:
             bar.close()
 
     scorer = Scorer(assets.model_dir, pool, results, progress)
-    variants = merge_variants()
+    variants = merge_variants() + (routed_variants() if args.routed else [])
     if args.methods:
         wanted = set(args.methods)
         variants = [v for v in variants if v.label.split(" + ")[0] in wanted]

@@ -50,13 +50,14 @@ class Variant:
     """What is scored. `source` says which other fields apply."""
 
     label: str
-    source: Literal["base", "adapter", "merge", "tuned"]
+    source: Literal["base", "adapter", "merge", "tuned", "routed"]
     adapter: str | None = None  # adapter: its name in the pool
     method: str | None = None  # merge: the method and its parameters
     params: tuple[tuple[str, Any], ...] = ()
     pico: bool = False
     svc: bool = False
     path: str | None = None  # tuned: a PEFT adapter directory
+    route: tuple[tuple[str, Any], ...] = ()  # routed: router settings (routed.DEFAULT_ROUTE)
 
     def spec(self) -> MergeSpec:
         assert self.method is not None
@@ -65,6 +66,10 @@ class Variant:
     def with_params(self, **values: Any) -> Variant:
         merged = dict(self.params) | values
         return dataclasses.replace(self, params=tuple(sorted(merged.items())))
+
+    def with_route(self, **values: Any) -> Variant:
+        merged = dict(self.route) | values
+        return dataclasses.replace(self, route=tuple(sorted(merged.items())))
 
 
 @dataclass(frozen=True)
@@ -95,13 +100,17 @@ class Scorer:
         self.cache_dir = cache_dir
         self.progress = progress
         self._model: FoldedModel | None = None
+        self._routed: Any = None  # routed.RoutedScorer, made on first use
 
     def score(self, variant: Variant, split: Split) -> Scores:
         path = self.cache_dir / split.name / f"{self._key(variant, split)}.json"
         if path.is_file():
             items = json.loads(path.read_text())["items"]
             return Scores(variant, split, {t: tuple(v) for t, v in items.items()})
-        items = self._evaluate(self.updates(variant), split, variant.label)
+        if variant.source == "routed":
+            items = self.routed().items(variant, split)
+        else:
+            items = self._evaluate(self.updates(variant), split, variant.label)
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"variant": dataclasses.asdict(variant), "split": dataclasses.asdict(split)}
         temporary = path.with_suffix(".tmp")
@@ -125,6 +134,8 @@ class Scorer:
     def _key(self, variant: Variant, split: Split) -> str:
         content = dataclasses.asdict(variant)
         content.pop("label")
+        if not variant.route:
+            content.pop("route")  # keys of variants from before routed rows stay valid
         if variant.source == "tuned":
             assert variant.path is not None
             content["path"] = load_adapter(Path(variant.path)).fingerprint
@@ -133,19 +144,42 @@ class Scorer:
         content.update(split=dataclasses.asdict(split), model=self.model_dir.name)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
 
-    def _evaluate(
-        self, updates: Mapping[str, LoraModule], split: Split, label: str
-    ) -> dict[str, list[bool]]:
+    def routed(self) -> Any:
+        """The scorer of routed variants (server/defaults/routed.py)."""
+        if self._routed is None:
+            from .routed import RoutedScorer
+
+            self._routed = RoutedScorer(self)
+        return self._routed
+
+    def hits(
+        self,
+        updates: Mapping[str, LoraModule],
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        label: str,
+    ) -> list[bool]:
+        """Exact-match results of `prompts` with `updates` folded into the base model."""
         if self._model is None:
             self._model = FoldedModel(self.model_dir)
         self._model.fold(updates)
-        examples = {task.name: task.examples(split.seed, split.n) for task in TASKS}
-        hits = exact_match(
+        return exact_match(
             self._model.model,
             left_padded_tokenizer(self.model_dir),
+            prompts,
+            answers,
+            progress=None if self.progress is None else _bound(self.progress, label),
+        )
+
+    def _evaluate(
+        self, updates: Mapping[str, LoraModule], split: Split, label: str
+    ) -> dict[str, list[bool]]:
+        examples = {task.name: task.examples(split.seed, split.n) for task in TASKS}
+        hits = self.hits(
+            updates,
             [e.prompt for task in TASKS for e in examples[task.name]],
             [e.answer for task in TASKS for e in examples[task.name]],
-            progress=None if self.progress is None else _bound(self.progress, label),
+            label,
         )
         return {
             task.name: hits[index * split.n : (index + 1) * split.n]
@@ -186,6 +220,11 @@ SUM_GRID = (0.25, 0.5, 1.0)
 MEAN_GRID = (0.5, 1.0, 2.0)
 MIX_GRID = (None, 0.5, 0.65, 0.8)  # svd_cur α: eq. 33's rule or a fixed weight
 _SUMMING = {"ta", "dare_linear", "tsvm"}
+# The router's grid (routed variants): features, temperature (0: the nearest adapter), step.
+ROUTE_FEATURES = ("embedding", "ngram")
+ROUTE_TEMPERATURES = (0.05, 0.0, 0.02, 0.1, 0.2)
+ROUTE_STEPS = (0.1, 0.05, 0.25)
+ROUTE_SWEPT = ("features", "temperature", "step")
 
 
 def base_variants(pool: AdapterPool) -> list[Variant]:
@@ -207,13 +246,32 @@ def merge_variants() -> list[Variant]:
     return variants
 
 
+def routed_variants() -> list[Variant]:
+    """The router rows: per-request preferences from the prompt (server/router.py), merged
+    with TA and with TSV-M + Pico at their defaults (docs/router.md)."""
+    from .routed import DEFAULT_ROUTE
+
+    return [
+        Variant("router + ta", "routed", method="ta", route=DEFAULT_ROUTE),
+        Variant("router + tsvm + pico", "routed", method="tsvm", pico=True, route=DEFAULT_ROUTE),
+    ]
+
+
 def candidates(variant: Variant) -> list[Variant]:
     """Parameter settings of `variant` tried on validation.
 
     With Pico, energy compensation rescales every module to the preference-weighted norm of the
-    adapters, so λ cancels and only non-scale parameters (svd_cur's α) are swept.
+    adapters, so λ cancels and only non-scale parameters (svd_cur's α) are swept. A routed
+    variant sweeps the router's features, temperature and step (the merge at its defaults).
     """
     assert variant.method is not None
+    if variant.source == "routed":
+        return [
+            variant.with_route(features=features, temperature=temperature, step=step)
+            for features in ROUTE_FEATURES
+            for temperature in ROUTE_TEMPERATURES
+            for step in ROUTE_STEPS
+        ]
     if variant.method == "svd_cur":
         return [variant.with_params(mix=mix) for mix in MIX_GRID]
     if variant.pico:
@@ -306,6 +364,7 @@ def make_row(
 def describe_params(variant: Variant) -> str:
     fixed = {"inner"}
     shown = [f"{k}={v}" for k, v in variant.params if k not in fixed]
+    shown += [f"{k}={v}" for k, v in variant.route if k in ROUTE_SWEPT]
     return ", ".join(shown) or "defaults"
 
 

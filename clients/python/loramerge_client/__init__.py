@@ -26,6 +26,7 @@ from .types import (
     MergeOptions,
     MergeReport,
     RegisteredAdapter,
+    RouteOptions,
     Tenant,
 )
 
@@ -55,6 +56,7 @@ __all__ = [
     "RegisteredAdapter",
     "ResourceExhausted",
     "Retry",
+    "RouteOptions",
     "Tenant",
     "Unauthenticated",
     "Unavailable",
