@@ -27,6 +27,7 @@ from .errors import (
     InvalidParameterError,
     InvalidPreferenceError,
     MergeEngineError,
+    MissingStatisticsError,
     UnsupportedAdapterError,
 )
 from .export import save_adapter
@@ -35,9 +36,11 @@ from .methods.registry import METHODS
 from .pico import CalibrationCache
 from .pool import AdapterPool
 from .preference import normalize_preference
+from .statistics import STATISTICS_FILE, InputStatistics, load_statistics, save_statistics
 
 __all__ = [
     "METHODS",
+    "STATISTICS_FILE",
     "AdapterError",
     "AdapterFormatError",
     "AdapterNotFoundError",
@@ -45,6 +48,7 @@ __all__ = [
     "CalibrationCache",
     "ExportError",
     "IncompatiblePoolError",
+    "InputStatistics",
     "InvalidAdapterTensorError",
     "InvalidArgumentError",
     "InvalidParameterError",
@@ -56,10 +60,12 @@ __all__ = [
     "MergeResult",
     "MergeSpec",
     "MergedDiagnostics",
+    "MissingStatisticsError",
     "PoolDiagnostics",
     "SpectrumStats",
     "UnsupportedAdapterError",
     "load_adapter",
+    "load_statistics",
     "merge",
     "merged_diagnostics",
     "normalize_preference",
@@ -67,5 +73,6 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "save_adapter",
+    "save_statistics",
     "validate_adapter_name",
 ]

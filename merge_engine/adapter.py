@@ -26,6 +26,8 @@ from .errors import (
     InvalidArgumentError,
     UnsupportedAdapterError,
 )
+from .files import read_capped
+from .statistics import STATISTICS_FILE, InputStatistics, load_statistics
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -63,7 +65,8 @@ class LoraAdapter:
 
     `modules` maps the tensor prefix PEFT writes (e.g.
     `base_model.model.model.layers.0.self_attn.q_proj`) to its factors. `fingerprint` is the
-    SHA-256 of the config and weights bytes: it changes whenever either file changes.
+    SHA-256 of the config and weights bytes (and of the input statistics file, when there is
+    one): it changes whenever one of them changes.
     """
 
     name: str
@@ -72,6 +75,9 @@ class LoraAdapter:
     target_modules: tuple[str, ...]
     modules: Mapping[str, LoraModule]
     fingerprint: str
+    statistics: InputStatistics | None = None
+    """Input statistics of the adapter's task (`input_statistics.safetensors` in its directory,
+    optional): what data-aware merge rules (RegMean) weigh its update by."""
 
 
 def validate_adapter_name(name: str, field: str = "name") -> str:
@@ -108,16 +114,24 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
             )
         raise AdapterNotFoundError(f"missing {WEIGHTS_FILE}", path=weights_path)
 
-    config_bytes = _read_capped(config_path, MAX_CONFIG_BYTES)
-    weights_bytes = _read_capped(weights_path, MAX_WEIGHTS_BYTES)
+    config_bytes = read_capped(config_path, MAX_CONFIG_BYTES)
+    weights_bytes = read_capped(weights_path, MAX_WEIGHTS_BYTES)
     config = _parse_config(config_bytes, config_path)
     tensors = _parse_weights(weights_bytes, weights_path)
     modules = _build_modules(config, tensors, weights_path)
+
+    statistics_path = directory / STATISTICS_FILE
+    statistics = None
+    if statistics_path.is_file():
+        in_features = {key: module.in_features for key, module in modules.items()}
+        statistics = load_statistics(statistics_path, in_features)
 
     digest = hashlib.sha256()
     digest.update(config_bytes)
     digest.update(b"\0")
     digest.update(weights_bytes)
+    if statistics is not None:
+        digest.update(b"\0" + statistics.fingerprint.encode())
     target = config.get("target_modules")
     targets = (target,) if isinstance(target, str) else tuple(sorted(target or ()))
     base = config.get("base_model_name_or_path")
@@ -128,17 +142,8 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
         target_modules=targets,
         modules=MappingProxyType(modules),
         fingerprint=digest.hexdigest(),
+        statistics=statistics,
     )
-
-
-def _read_capped(path: Path, limit: int) -> bytes:
-    """The file's bytes, refusing a file larger than `limit` (checked while reading, so a file
-    that grows after a size check is refused too)."""
-    with path.open("rb") as file:
-        data = file.read(limit + 1)
-    if len(data) > limit:
-        raise AdapterFormatError(f"larger than the {limit}-byte limit", path=path)
-    return data
 
 
 def _parse_config(data: bytes, path: Path) -> dict[str, Any]:

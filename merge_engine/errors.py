@@ -48,6 +48,21 @@ class IncompatiblePoolError(MergeEngineError):
         super().__init__("incompatible adapter pool:\n  - " + "\n  - ".join(violations))
 
 
+class MissingStatisticsError(IncompatiblePoolError):
+    """A data-aware rule (RegMean) was asked to merge adapters that have no input statistics."""
+
+    def __init__(self, adapters: list[str]) -> None:
+        self.adapters = tuple(adapters)
+        super().__init__(
+            [
+                f"adapter {name!r} has no input statistics (input_statistics.safetensors in its "
+                "directory), which this merge method needs; write them with "
+                "`loramerge stats --adapter DIR --prompts FILE`"
+                for name in adapters
+            ]
+        )
+
+
 class InvalidArgumentError(MergeEngineError):
     """A caller-supplied value is invalid. `field` names it (e.g. `preference["math"]`)."""
 

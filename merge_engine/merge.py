@@ -148,6 +148,7 @@ def merge(
     start = time.perf_counter()
 
     groups = pool.groups(device, dtype)
+    moments = pool.moments(device, dtype, active) if method.needs_statistics else None
     hit: bool | None = None
     if spec.pico:
         with timer("calibrate"):
@@ -164,6 +165,7 @@ def merge(
             b=calibrations[index].lora_b if spec.pico else tuple(group.lora_b[i] for i in active),
             a=tuple(group.scaled_a[i] for i in active),
             rho=rho_active,
+            moments=None if moments is None else tuple(moments[index][i] for i in active),
         )
         target_rank = min(spec.rank or tasks.total_rank, tasks.out_features, tasks.in_features)
         with timer("merge"):

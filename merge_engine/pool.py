@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .adapter import LoraAdapter, load_adapter
-from .errors import IncompatiblePoolError
+from .errors import IncompatiblePoolError, MissingStatisticsError
 from .linalg import frobenius_sq
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class AdapterPool:
             digest.update(f"{adapter.name}\0{adapter.fingerprint}\n".encode())
         self.fingerprint: str = digest.hexdigest()
         self._groups: dict[tuple[str, torch.dtype], tuple[ModuleGroup, ...]] = {}
+        self._moments: dict[tuple[str, torch.dtype], tuple[tuple[torch.Tensor, ...], ...]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -122,10 +123,39 @@ class AdapterPool:
                 self._groups[key] = self._stack(device, dtype)
             return self._groups[key]
 
+    def moments(
+        self, device: torch.device, dtype: torch.dtype, active: Sequence[int]
+    ) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """Per module group (as `groups` orders them), per adapter: E[x xᵀ] of each module's
+        input, [G, in, in] (cached; stacked only when a data-aware rule asks).
+
+        Raises:
+            MissingStatisticsError: an adapter in `active` (pool indices) has no statistics.
+        """
+        missing = [self.names[i] for i in active if self.adapters[i].statistics is None]
+        if missing:
+            raise MissingStatisticsError(missing)
+        groups = self.groups(device, dtype)
+        key = (str(device), dtype)
+        with self._lock:
+            if key not in self._moments:
+                self._moments[key] = tuple(
+                    tuple(
+                        torch.stack([s.moment(m) for m in group.modules]).to(device, dtype)
+                        if (s := adapter.statistics) is not None
+                        else torch.empty(0)
+                        for adapter in self.adapters
+                    )
+                    for group in groups
+                )
+            return self._moments[key]
+
     def cached_bytes(self) -> int:
         """Bytes held by the cached stacks, every (device, dtype) together."""
         with self._lock:
-            return sum(g.nbytes for groups in self._groups.values() for g in groups)
+            return sum(g.nbytes for groups in self._groups.values() for g in groups) + sum(
+                tensor_bytes(*stack) for stacks in self._moments.values() for stack in stacks
+            )
 
     def drop_groups(self, keep: tuple[torch.device, torch.dtype] | None = None) -> int:
         """Forget the cached stacks (except those for `keep`); returns the bytes released."""
@@ -135,6 +165,8 @@ class AdapterPool:
             freed = sum(g.nbytes for key in dropped for g in self._groups[key])
             for key in dropped:
                 del self._groups[key]
+            for key in [key for key in self._moments if key != kept]:
+                freed += sum(tensor_bytes(*stack) for stack in self._moments.pop(key))
         return freed
 
     def _stack(self, device: torch.device, dtype: torch.dtype) -> tuple[ModuleGroup, ...]:

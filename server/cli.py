@@ -40,7 +40,7 @@ from loramerge_client.cli import add_parser as add_remote_commands
 from loramerge_client.cli import parse_pairs as _pairs
 from loramerge_client.cli import parse_preference as _weights
 
-from . import keys_cli, quality_cli
+from . import keys_cli, quality_cli, statistics_cli
 from .config import load_settings
 from .errors import ServerError
 
@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     methods = commands.add_parser("methods", help="list the merge methods and their parameters")
     methods.set_defaults(run=_methods)
     quality_cli.add_parser(commands)
+    statistics_cli.add_parser(commands)
     keys_cli.add_parser(commands)
     add_remote_commands(commands)
     return parser

@@ -113,10 +113,21 @@ class AdapterSettings(_Section):
 
 
 class MergeSettings(_Section):
-    method: str = Field("ta", description="Default merge method.")
-    pico: bool = Field(True, description="Default Pico calibration.")
+    method: str = Field(
+        "regmean",
+        description="Default merge method (chosen by docs/quality.md). regmean needs every merged "
+        "adapter's input statistics (`loramerge stats`); see fallback_method.",
+    )
+    pico: bool = Field(False, description="Default Pico calibration.")
     params: dict[str, Any] = Field(default_factory=dict, description="Default method parameters.")
     svc: bool = Field(False, description="Default SVC post-stage.")
+    fallback_method: str = Field(
+        "tsvm",
+        description="Used, at its own defaults, instead of a default method that needs input "
+        "statistics (regmean) when an adapter taking part has none; a method a tenant or request "
+        "names itself never falls back (it fails, naming the adapters).",
+    )
+    fallback_pico: bool = Field(True, description="Pico calibration of the fallback method.")
     device: str = Field("auto", description="Merge device: auto (CUDA if present), cpu, cuda.")
     dtype: Literal["float32", "float64"] = Field("float32", description="Merge precision.")
     preference_step: float = Field(

@@ -44,6 +44,15 @@ def add_parser(commands: Any) -> None:
     evaluate.add_argument("--doc", type=Path, default=Path("docs/quality.md"))
     evaluate.add_argument("--plot", type=Path, default=Path("docs/quality.png"))
     evaluate.add_argument("--json", type=Path, help="also write the table as JSON here")
+    evaluate.add_argument(
+        "--sweep", action="store_true",
+        help="also sweep λ/α per method over every pool subset of 2..N adapters (validation)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--check-vllm", type=int, default=2, metavar="K",
+        help="per variant, serve its adapter with vLLM and compare the greedy answers of the "
+        "first K test items per task with the folded model's (0: skip)",
+    )  # fmt: skip
     evaluate.set_defaults(run=_eval)
 
     tune = commands.add_parser("tune", help="merge, then distill the merge on unlabeled prompts")
@@ -70,11 +79,6 @@ def add_parser(commands: Any) -> None:
     tune.set_defaults(run=_tune)
 
 
-DISTILL_SEED = 2002
-"""Seed of the default tasks' unlabeled tuning prompts (not the training, validation or test
-seeds)."""
-
-
 def read_prompts(path: Path) -> list[str]:
     """Prompts of a prompt file (`prompt_files.read_prompts`); errors exit naming the file and
     line."""
@@ -95,16 +99,26 @@ def _eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .defaults.quality import (
+        SWEEP_METHODS,
         TEST_SEED,
         VALIDATION_SEED,
         Scorer,
         Split,
         Variant,
         build_table,
+        check_table,
         merge_variants,
+        pool_size_sweep,
         routed_variants,
     )
-    from .defaults.quality_report import write_markdown, write_plot
+    from .defaults.quality_report import (
+        SWEEP_BEGIN,
+        SWEEP_END,
+        sweep_markdown,
+        write_block,
+        write_markdown,
+        write_plot,
+    )
 
     assets = _default_assets(args.config)
     pool = AdapterPool.load(assets.adapters)
@@ -135,8 +149,17 @@ def _eval(args: argparse.Namespace) -> int:
         variants,
         tuned,
     )
+    if args.check_vllm > 0:
+        table = check_table(
+            scorer, table, args.check_vllm, emit=lambda line: print(line, file=sys.stderr)
+        )
     write_markdown(table, args.doc)
     write_plot(table, args.plot)
+    if args.sweep:
+        validation = table.validation
+        swept = [v for v in variants if v.method in SWEEP_METHODS and not v.svc]
+        sweep = pool_size_sweep(scorer, validation, swept)
+        write_block(sweep_markdown(sweep, validation), SWEEP_BEGIN, SWEEP_END, args.doc)
     if args.json:
         args.json.write_text(json.dumps(_table_json(table), indent=2))
     best = table.best()
@@ -156,10 +179,13 @@ def _table_json(table: Any) -> dict[str, Any]:
                 "normalised": row.normalised,
                 "normalised_interval": list(row.normalised_interval),
                 "gain_share": row.gain_share,
+                "rank": row.rank,
+                "retained_energy": row.retained_energy,
+                "served": row.served,
                 "validation_normalised": row.validation_normalised,
                 "tried": [list(pair) for pair in row.tried],
             }
-            for row in (table.base, *table.adapters, *table.merges, *table.tuned)
+            for row in table.rows
         ],
     }
 
@@ -169,7 +195,7 @@ def _tune(args: argparse.Namespace) -> int:
 
     from .cli import _pairs, _weights
     from .defaults.distill import DistillConfig, distill
-    from .defaults.tasks import TASKS
+    from .defaults.tasks import CALIBRATION_SEED, TASKS
 
     if args.adapter:
         adapters = {name: Path(p) for name, p in _pairs(args.adapter, "--adapter").items()}
@@ -182,7 +208,7 @@ def _tune(args: argparse.Namespace) -> int:
     if args.prompts is not None:
         prompts = read_prompts(args.prompts)
     elif args.task_prompts:
-        prompts = [e.prompt for t in TASKS for e in t.examples(DISTILL_SEED, args.task_prompts)]
+        prompts = [e.prompt for t in TASKS for e in t.examples(CALIBRATION_SEED, args.task_prompts)]
     else:
         raise SystemExit("loramerge tune: give --prompts FILE or --task-prompts N")
     pool = AdapterPool.load(adapters)

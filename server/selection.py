@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from loramerge.merge_engine import (
+    METHODS,
     AdapterPool,
     InvalidArgumentError,
     MergeSpec,
@@ -28,6 +30,8 @@ from .registry import AdapterRegistry
 from .router import MAX_MIN_WEIGHT, MAX_TEMPERATURE, Route, RouteParams, Router, RouterError
 from .store import Store
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -37,6 +41,8 @@ class Selection:
     spec: MergeSpec
     rho: tuple[float, ...]
     pin_for: str | None
+    fallback_for: tuple[str, ...] = ()
+    """Adapters without input statistics that made the default method fall back (else ())."""
     route: Route | None = None  # the routing decision, for routed requests
 
 
@@ -98,17 +104,27 @@ class Selector:
         self._router = router
         self._metrics = metrics
         self._defaults = default_choice(settings)
+        self._fallback = MergeChoice(
+            method=settings.merge.fallback_method,
+            pico=settings.merge.fallback_pico,
+            energy_compensation=True,
+        )
         self._hot = frozenset(settings.merge.hot_tenants)
+        self._warned: set[str] = set()  # pool fingerprints whose fallback was logged
         self._check_settings()
 
     def _check_settings(self) -> None:
         """The server's own merge settings fail at start, not later as a client's error."""
-        try:
-            spec_for(self._defaults, self._settings.engine.max_lora_rank)
-        except InvalidArgumentError as err:
-            name = str(err.field).removeprefix("params.")
-            field = "merge.method" if name == "method" else f"merge.params.{name}"
-            raise ConfigError(f"invalid server setting: {err}", field) from None
+        for choice, method_field in (
+            (self._defaults, "merge.method"),
+            (self._fallback, "merge.fallback_method"),
+        ):
+            try:
+                spec_for(choice, self._settings.engine.max_lora_rank)
+            except InvalidArgumentError as err:
+                name = str(err.field).removeprefix("params.")
+                field = method_field if name == "method" else f"merge.params.{name}"
+                raise ConfigError(f"invalid server setting: {err}", field) from None
         for index, tenant_id in enumerate(self._settings.merge.hot_tenants):
             try:
                 validate_tenant_id(tenant_id, f"merge.hot_tenants[{index}]")
@@ -147,17 +163,21 @@ class Selector:
         choice = overrides.over(stored).over(self._defaults)
         spec = spec_for(choice, self._settings.engine.max_lora_rank)  # even for the base model
         params = route_params(choice.route, self._settings.router)
-        pin_for = tenant_id if tenant_id in self._hot else None
+        default_method = overrides.method is None and stored.method is None
         if choice.route.enabled:
             routed = await self._route(text, preference, overrides.route.enabled is True, params)
             if routed is not None:  # not pinned: a routed tenant has one version per route
                 pool, rho, route = routed
-                return Selection(pool, spec, rho, None, route)
+                spec, lacking = self._fall_back(spec, pool, rho) if default_method else (spec, ())
+                return Selection(pool, spec, rho, None, lacking, route)
         if not preference:
             return None
         pool = self.require_pool()
         rho = normalize_preference(preference, pool.names)
-        return Selection(pool, spec, rho, pin_for)
+        lacking: tuple[str, ...] = ()
+        if default_method:
+            spec, lacking = self._fall_back(spec, pool, rho)
+        return Selection(pool, spec, rho, tenant_id if tenant_id in self._hot else None, lacking)
 
     async def _route(
         self,
@@ -210,3 +230,27 @@ class Selector:
             self._metrics.route_duration.observe(seconds)
             self._metrics.route_top_weight.observe(max(rho))
             self._metrics.route_adapters.observe(sum(1 for w in rho if w > 0))
+
+    def _fall_back(
+        self, spec: MergeSpec, pool: AdapterPool, rho: tuple[float, ...]
+    ) -> tuple[MergeSpec, tuple[str, ...]]:
+        """The default `spec`, or the fallback's when the default method needs input statistics
+        that an adapter taking part lacks; with the adapters that lack them."""
+        if not METHODS.get(spec.method).needs_statistics:
+            return spec, ()
+        taking_part = (a for a, w in zip(pool.adapters, rho, strict=True) if w > 0)
+        lacking = tuple(a.name for a in taking_part if a.statistics is None)
+        if not lacking:
+            return spec, ()
+        fallback = spec_for(self._fallback, self._settings.engine.max_lora_rank)
+        if pool.fingerprint not in self._warned:
+            self._warned.add(pool.fingerprint)
+            logger.warning(
+                "the default merge method %s needs input statistics that adapters %s lack "
+                "(write them with `loramerge stats`); merges including them use %s%s",
+                spec.method,
+                ", ".join(lacking),
+                fallback.method,
+                " + pico" if fallback.pico else "",
+            )
+        return fallback, lacking

@@ -28,6 +28,8 @@ class TaskSet:
     b: tuple[torch.Tensor, ...]  # per task: [G, out, r_t]
     a: tuple[torch.Tensor, ...]  # per task: [G, r_t, in]
     rho: torch.Tensor  # [n] preference restricted to these tasks, sums to 1
+    moments: tuple[torch.Tensor, ...] | None = None  # per task: [G, in, in] E[x xᵀ] of the
+    # module inputs on the task's prompts; only for rules that need statistics (RegMean)
 
     @property
     def out_features(self) -> int:
@@ -65,6 +67,7 @@ class TaskSet:
             modules=self.modules[start:stop],
             b=tuple(b[start:stop] for b in self.b),
             a=tuple(a[start:stop] for a in self.a),
+            moments=None if self.moments is None else tuple(m[start:stop] for m in self.moments),
         )
 
 
@@ -131,6 +134,8 @@ class MergeMethod(ABC, Generic[P]):
     name: ClassVar[str]
     summary: ClassVar[str]
     exact_low_rank: ClassVar[bool]
+    needs_statistics: ClassVar[bool] = False
+    """Whether the rule reads the adapters' input statistics (`TaskSet.moments`)."""
     params_type: type[P]
 
     @abstractmethod

@@ -22,5 +22,7 @@ PARAMETERS = MappingProxyType(
         "branch_rank": "svd_cur: SVD components and CUR columns kept per branch",
         "mix": "svd_cur: weight α of the SVD branch; unset in a request means the default, "
         "and None (Python/YAML null) means eq. 33's residual rule",
+        "off_diagonal": "regmean: weight α of the input Gram matrices' off-diagonal entries, in "
+        "[0, 1] (1: plain RegMean, 0: each input feature on its own)",
     }
 )

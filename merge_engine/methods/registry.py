@@ -10,6 +10,7 @@ from .base import MergeMethod
 from .core import Core
 from .full_space import DareLinear, DareTies, Ties
 from .knots import KnotsDareTies, KnotsTies
+from .regmean import RegMean
 from .svd_cur import SvdCur
 from .ta import TaskArithmetic
 from .tsvm import Tsvm
@@ -48,5 +49,6 @@ METHODS = MethodRegistry(
         KnotsDareTies(),
         Core(),
         SvdCur(),
+        RegMean(),
     ]
 )

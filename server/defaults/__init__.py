@@ -23,7 +23,9 @@ class DefaultAssets:
     model_dir: Path
     """Hugging Face safetensors folder (bfloat16) that vLLM, transformers and peft load."""
     adapters: dict[str, Path]
-    """Task name → PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`)."""
+    """Task name → PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`,
+    plus the task's unlabeled `calibration_prompts.jsonl` and the `input_statistics.safetensors`
+    computed from them)."""
 
 
 def prepare_defaults(
@@ -36,6 +38,7 @@ def prepare_defaults(
     # Imported here so that `loramerge.server.defaults.tasks` stays free of torch/transformers,
     # and so that a server without the `prepare` extra imports them only when it needs them.
     try:
+        from .calibration import ensure_calibration
         from .model import ensure_default_model
         from .train import ensure_default_adapters
     except ModuleNotFoundError as missing:
@@ -47,4 +50,6 @@ def prepare_defaults(
 
     cache_dir = cache_dir.expanduser()
     model_dir = ensure_default_model(cache_dir, progress)
-    return DefaultAssets(model_dir, ensure_default_adapters(model_dir, cache_dir, progress))
+    adapters = ensure_default_adapters(model_dir, cache_dir, progress)
+    ensure_calibration(model_dir, adapters, progress)
+    return DefaultAssets(model_dir, adapters)

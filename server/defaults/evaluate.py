@@ -54,6 +54,7 @@ def generate_answers(
     for start in range(0, len(prompts), BATCH_SIZE):
         texts = [chat_prompt(tokenizer, prompt) for prompt in prompts[start : start + BATCH_SIZE]]
         inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        inputs = inputs.to(model.device)
         with torch.inference_mode():
             generated = model.generate(  # type: ignore[misc]  # transformers types self twice
                 **inputs,

@@ -15,19 +15,29 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import random
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from loramerge.merge_engine import AdapterPool, LoraModule, MergeSpec, load_adapter, merge
+from loramerge.merge_engine import (
+    AdapterPool,
+    LoraModule,
+    MergeSpec,
+    load_adapter,
+    merge,
+    save_adapter,
+)
 
 from .evaluate import left_padded_tokenizer
 from .folded import FoldedModel
 from .forced import exact_match
-from .tasks import TASKS
+from .serving_check import Agreement, Served, check_serving
+from .tasks import TASKS, Task
 
 VALIDATION_SEED = 1001
 TEST_SEED = 1234
@@ -57,7 +67,12 @@ class Variant:
     pico: bool = False
     svc: bool = False
     path: str | None = None  # tuned: a PEFT adapter directory
+    subset: tuple[str, ...] = ()  # merge: the adapters with weight (uniform); () = all
     route: tuple[tuple[str, Any], ...] = ()  # routed: router settings (routed.DEFAULT_ROUTE)
+
+    def preference(self, pool: AdapterPool) -> dict[str, float]:
+        """The merge's preference: uniform over `subset`, or over the whole pool."""
+        return {name: 1.0 for name in (self.subset or pool.names)}
 
     def spec(self) -> MergeSpec:
         assert self.method is not None
@@ -110,7 +125,8 @@ class Scorer:
         if variant.source == "routed":
             items = self.routed().items(variant, split)
         else:
-            items = self._evaluate(self.updates(variant), split, variant.label)
+            tasks = [t for t in TASKS if not variant.subset or t.name in variant.subset]
+            items = self._evaluate(self.updates(variant), split, variant.label, tasks)
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"variant": dataclasses.asdict(variant), "split": dataclasses.asdict(split)}
         temporary = path.with_suffix(".tmp")
@@ -128,8 +144,58 @@ class Scorer:
         if variant.source == "tuned":
             assert variant.path is not None
             return load_adapter(Path(variant.path)).modules
-        uniform = {name: 1.0 for name in self.pool.names}
-        return merge(self.pool, uniform, variant.spec(), device="cpu").modules
+        return merge(self.pool, variant.preference(self.pool), variant.spec(), device="cpu").modules
+
+    def served(self, variant: Variant, scratch: Path) -> Served:
+        """`variant` as vLLM would serve it: its modules and a PEFT directory (merges are
+        exported into `scratch`)."""
+        if variant.source == "base":
+            return Served({}, None)
+        if variant.source == "adapter":
+            assert variant.adapter is not None
+            adapter = self.pool.adapter(variant.adapter)
+            return Served(adapter.modules, adapter.path)
+        if variant.source == "tuned":
+            assert variant.path is not None
+            return Served(load_adapter(Path(variant.path)).modules, Path(variant.path))
+        result = merge(self.pool, variant.preference(self.pool), variant.spec(), device="cpu")
+        path = save_adapter(result, scratch / self._key(variant, Split("test", 0, 0)))
+        return Served(result.modules, path)
+
+    def check_serving(
+        self,
+        variants: Sequence[Variant],
+        split: Split,
+        per_task: int,
+        emit: Callable[[str], None] | None = None,
+    ) -> dict[str, Agreement]:
+        """vLLM's greedy answers against the folded model's on the first `per_task` items of
+        each task of `split`, per variant (cached like scores)."""
+        check = Split(split.name, split.seed, per_task)
+        found: dict[str, Agreement] = {}
+        todo: list[Variant] = []
+        for variant in variants:
+            path = self.cache_dir / "serving" / f"{self._key(variant, check)}.json"
+            if path.is_file():
+                data = json.loads(path.read_text())
+                found[variant.label] = Agreement(variant.label, *map(tuple, data["answers"]))
+            else:
+                todo.append(variant)
+        if not todo:
+            return found
+        prompts = [e.prompt for task in TASKS for e in task.examples(split.seed, per_task)]
+        if self._model is None:
+            self._model = FoldedModel(self.model_dir)
+        with tempfile.TemporaryDirectory(prefix="loramerge-check-") as scratch:
+            served = {v.label: self.served(v, Path(scratch)) for v in todo}
+            checked = check_serving(self.model_dir, served, prompts, self._model, emit)
+        for variant in todo:
+            agreement = checked[variant.label]
+            path = self.cache_dir / "serving" / f"{self._key(variant, check)}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"answers": [agreement.folded, agreement.served]}))
+            found[variant.label] = agreement
+        return found
 
     def _key(self, variant: Variant, split: Split) -> str:
         content = dataclasses.asdict(variant)
@@ -172,18 +238,22 @@ class Scorer:
         )
 
     def _evaluate(
-        self, updates: Mapping[str, LoraModule], split: Split, label: str
+        self,
+        updates: Mapping[str, LoraModule],
+        split: Split,
+        label: str,
+        tasks: Sequence[Task] = TASKS,
     ) -> dict[str, list[bool]]:
-        examples = {task.name: task.examples(split.seed, split.n) for task in TASKS}
+        examples = {task.name: task.examples(split.seed, split.n) for task in tasks}
         hits = self.hits(
             updates,
-            [e.prompt for task in TASKS for e in examples[task.name]],
-            [e.answer for task in TASKS for e in examples[task.name]],
+            [e.prompt for task in tasks for e in examples[task.name]],
+            [e.answer for task in tasks for e in examples[task.name]],
             label,
         )
         return {
             task.name: hits[index * split.n : (index + 1) * split.n]
-            for index, task in enumerate(TASKS)
+            for index, task in enumerate(tasks)
         }
 
 
@@ -208,6 +278,7 @@ METHOD_CONFIGS: tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...] = (
     ("core[dare_linear]", "core", (("inner", "dare_linear"),)),
     ("core[dare_ties]", "core", (("inner", "dare_ties"),)),
     ("svd_cur", "svd_cur", ()),
+    ("regmean", "regmean", ()),
 )
 """(row name, method, fixed parameters) of every merge the table lists."""
 
@@ -219,6 +290,7 @@ SVC_METHODS = ("ta", "ties", "tsvm", "knots_ties")
 SUM_GRID = (0.25, 0.5, 1.0)
 MEAN_GRID = (0.5, 1.0, 2.0)
 MIX_GRID = (None, 0.5, 0.65, 0.8)  # svd_cur α: eq. 33's rule or a fixed weight
+OFF_DIAGONAL_GRID = (0.3, 0.5, 0.7, 0.9, 1.0)  # regmean α
 _SUMMING = {"ta", "dare_linear", "tsvm"}
 # The router's grid (routed variants): features, temperature (0: the nearest adapter), step.
 ROUTE_FEATURES = ("embedding", "ngram")
@@ -248,12 +320,13 @@ def merge_variants() -> list[Variant]:
 
 def routed_variants() -> list[Variant]:
     """The router rows: per-request preferences from the prompt (server/router.py), merged
-    with TA and with TSV-M + Pico at their defaults (docs/router.md)."""
+    with TA, TSV-M + Pico and RegMean at their defaults (docs/router.md)."""
     from .routed import DEFAULT_ROUTE
 
     return [
         Variant("router + ta", "routed", method="ta", route=DEFAULT_ROUTE),
         Variant("router + tsvm + pico", "routed", method="tsvm", pico=True, route=DEFAULT_ROUTE),
+        Variant("router + regmean", "routed", method="regmean", route=DEFAULT_ROUTE),
     ]
 
 
@@ -274,6 +347,8 @@ def candidates(variant: Variant) -> list[Variant]:
         ]
     if variant.method == "svd_cur":
         return [variant.with_params(mix=mix) for mix in MIX_GRID]
+    if variant.method == "regmean":  # λ = 1 is the regression solution; α sets its conditioning
+        return [variant] + [variant.with_params(off_diagonal=a) for a in OFF_DIAGONAL_GRID]
     if variant.pico:
         return [variant]
     inner = dict(variant.params).get("inner", variant.method)
@@ -297,6 +372,9 @@ class Row:
     gain_share: float  # (acc − base) / (own − base), averaged over tasks
     validation_normalised: float | None = None
     tried: tuple[tuple[str, float], ...] = field(default=())  # (parameters, validation score)
+    rank: int | None = None  # merges: the merged rank
+    retained_energy: float | None = None  # merges: worst module's ‖ΔW‖² share kept by truncation
+    served: tuple[int, int] | None = None  # (vLLM answers equal to the folded model's, items)
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -309,9 +387,12 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def normalised(scores: Scores, own: Mapping[str, Scores]) -> float:
-    """Mean over tasks of accuracy / the task's own adapter's accuracy (same items)."""
-    ratios = [scores.accuracy(t) / max(own[t].accuracy(t), 1e-9) for t in scores.items]
+def normalised(
+    scores: Scores, own: Mapping[str, Scores], tasks: Sequence[str] | None = None
+) -> float:
+    """Mean over `tasks` (default: all scored) of accuracy / the task's own adapter's accuracy
+    (same items)."""
+    ratios = [scores.accuracy(t) / max(own[t].accuracy(t), 1e-9) for t in tasks or scores.items]
     return sum(ratios) / len(ratios)
 
 
@@ -383,6 +464,19 @@ class Table:
     def best(self) -> Row:
         return max((*self.merges, *self.tuned), key=lambda row: row.normalised)
 
+    @property
+    def rows(self) -> tuple[Row, ...]:
+        return (self.base, *self.adapters, *self.merges, *self.tuned)
+
+    def replace_rows(self, change: Callable[[Row], Row]) -> Table:
+        return dataclasses.replace(
+            self,
+            base=change(self.base),
+            adapters=tuple(map(change, self.adapters)),
+            merges=tuple(map(change, self.merges)),
+            tuned=tuple(map(change, self.tuned)),
+        )
+
 
 def build_table(
     scorer: Scorer,
@@ -407,14 +501,19 @@ def build_table(
             value = normalised(scorer.score(candidate, validation), own_validation)
             tried.append((candidate, value))
         chosen, value = max(tried, key=lambda pair: pair[1])  # first (default) wins ties
+        row = make_row(
+            scorer.score(chosen, test),
+            own_test,
+            base,
+            validation=value,
+            tried=[(describe_params(c), v) for c, v in tried],
+        )
+        if chosen.source == "routed":  # one merge per route: no single rank
+            merge_rows.append(row)
+            continue
+        report = merge(scorer.pool, chosen.preference(scorer.pool), chosen.spec()).report
         merge_rows.append(
-            make_row(
-                scorer.score(chosen, test),
-                own_test,
-                base,
-                validation=value,
-                tried=[(describe_params(c), v) for c, v in tried],
-            )
+            dataclasses.replace(row, rank=report.rank, retained_energy=report.retained_energy_min)
         )
     tuned_rows = [make_row(scorer.score(v, test), own_test, base) for v in tuned]
     return Table(
@@ -425,3 +524,65 @@ def build_table(
         merges=tuple(merge_rows),
         tuned=tuple(tuned_rows),
     )
+
+
+def check_table(
+    scorer: Scorer, table: Table, per_task: int, emit: Callable[[str], None] | None = None
+) -> Table:
+    """The table with every row's vLLM cross-check (`Scorer.check_serving`) filled in."""
+    variants = [row.variant for row in table.rows if row.variant.source != "routed"]
+    agreements = scorer.check_serving(variants, table.test, per_task, emit)
+
+    def annotate(row: Row) -> Row:
+        agreement = agreements.get(row.variant.label)
+        if agreement is None:  # routed rows: one merge per route (tests/integration/test_routing)
+            return row
+        return dataclasses.replace(row, served=(agreement.same, agreement.total))
+
+    return table.replace_rows(annotate)
+
+
+# ----------------------------------------------------------------------------- pool size
+
+
+SWEEP_METHODS = ("ta", "ties", "tsvm", "knots_ties", "regmean")
+"""Rows of the pool-size sweep (each without and with Pico)."""
+
+
+@dataclass(frozen=True)
+class SweepCell:
+    """One method at one pool size: the mean over every subset of that size of the best
+    validation normalised accuracy, and which candidate won how often."""
+
+    size: int
+    subsets: int
+    mean: float
+    winners: Mapping[str, int]  # parameters → subsets where they were best
+
+
+def pool_size_sweep(
+    scorer: Scorer, split: Split, variants: Iterable[Variant]
+) -> dict[str, list[SweepCell]]:
+    """For each variant (label → cells by pool size 2..N): every subset of the pool merged
+    with a uniform preference over it, each candidate parameter setting scored on `split`
+    over the subset's tasks; the best per subset, averaged per size."""
+    pool_names = scorer.pool.names
+    own = {t: scorer.score(Variant(f"adapter {t} alone", "adapter", adapter=t), split)
+           for t in pool_names}  # fmt: skip
+    table: dict[str, list[SweepCell]] = {}
+    for variant in variants:
+        cells = []
+        for size in range(2, len(pool_names) + 1):
+            best, winners = [], {}
+            for subset in itertools.combinations(pool_names, size):
+                tried = [
+                    (c, normalised(scorer.score(c, split), own, subset))
+                    for c in candidates(dataclasses.replace(variant, subset=subset))
+                ]
+                chosen, value = max(tried, key=lambda pair: pair[1])
+                best.append(value)
+                label = describe_params(chosen)
+                winners[label] = winners.get(label, 0) + 1
+            cells.append(SweepCell(size, len(best), sum(best) / len(best), winners))
+        table[variant.label] = cells
+    return table

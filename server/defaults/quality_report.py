@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .quality import Row, Table
+from .quality import Row, Split, SweepCell, Table
 
 BEGIN, END = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
+SWEEP_BEGIN, SWEEP_END = "<!-- quality-sweep:begin -->", "<!-- quality-sweep:end -->"
 
 
 def _percent(value: float) -> str:
@@ -22,6 +23,11 @@ def _row(row: Row, tasks: list[str], how: str) -> str:
     low, high = row.normalised_interval
     cells.append(f"**{row.normalised:.2f}** [{low:.2f}–{high:.2f}]")
     cells.append(f"{row.gain_share:.2f}")
+    rank = "" if row.rank is None else str(row.rank)
+    if row.retained_energy is not None and row.retained_energy < 0.9995:
+        rank += f" ({100 * row.retained_energy:.0f}% kept)"
+    cells.append(rank)
+    cells.append("" if row.served is None else f"{row.served[0]}/{row.served[1]}")
     cells.append(how)
     return "| " + " | ".join(cells) + " |"
 
@@ -42,15 +48,19 @@ def markdown(table: Table) -> str:
     header = (
         "| variant | "
         + " | ".join(f"{t} % [95%]" for t in tasks)
-        + " | normalised [95%] | gain share | parameters (chosen on validation) |"
+        + " | normalised [95%] | gain share | rank | vLLM = folded | parameters (chosen on "
+        "validation) |"
     )
-    rule = "|" + "---|" * (len(tasks) + 4)
+    rule = "|" + "---|" * (len(tasks) + 6)
     lines = [
         BEGIN,
         f"Test split: seed {table.test.seed}, n = {table.test.n} per task; parameters chosen on "
         f"the validation split (seed {table.validation.seed}, n = {table.validation.n} per task) "
         "by normalised accuracy. Uniform preference over the pool. Accuracy is exact match of "
-        "greedy answers; intervals are Wilson (per task) and a paired bootstrap (normalised).",
+        "greedy answers; intervals are Wilson (per task) and a paired bootstrap (normalised). "
+        "Rank: the merged adapter's (and the share of ‖ΔW‖² the worst module keeps where a "
+        "truncation drops some). vLLM = folded: of the first test items of each task, how many "
+        "greedy answers vLLM serving the variant's adapter gives exactly as the folded model.",
         "",
         header,
         rule,
@@ -65,12 +75,43 @@ def markdown(table: Table) -> str:
     return "\n".join(lines)
 
 
+def sweep_markdown(sweep: dict[str, list[SweepCell]], split: Split) -> str:
+    """The generated pool-size block: per method and pool size, the mean best validation
+    normalised accuracy over the subsets of that size and the winning parameters."""
+    sizes = [cell.size for cell in next(iter(sweep.values()))]
+    lines = [
+        SWEEP_BEGIN,
+        f"Validation split (seed {split.seed}, n = {split.n} per task). Each cell: the mean over "
+        "every subset of that many adapters (uniform preference over the subset, accuracy over "
+        "its tasks) of the best candidate's normalised accuracy; below it, the winning "
+        "parameters and in how many subsets they won.",
+        "",
+        "| variant | " + " | ".join(f"N = {n}" for n in sizes) + " |",
+        "|" + "---|" * (len(sizes) + 1),
+    ]
+    for label, cells in sweep.items():
+        shown = []
+        for cell in cells:
+            wins = ", ".join(
+                f"{params} ×{count}"
+                for params, count in sorted(cell.winners.items(), key=lambda kv: -kv[1])
+            )
+            shown.append(f"**{cell.mean:.2f}** ({cell.subsets} subsets: {wins})")
+        lines.append(f"| {label} | " + " | ".join(shown) + " |")
+    lines.append(SWEEP_END)
+    return "\n".join(lines)
+
+
 def write_markdown(table: Table, path: Path) -> None:
-    """Replace the generated block of `path` (or create the file with only that block)."""
-    block = markdown(table)
+    """Replace the generated table block of `path` (or create the file with that block)."""
+    write_block(markdown(table), BEGIN, END, path)
+
+
+def write_block(block: str, begin: str, end: str, path: Path) -> None:
+    """Replace the block between `begin` and `end` in `path` (appending it if absent)."""
     if path.is_file():
         text = path.read_text()
-        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.DOTALL)
+        pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.DOTALL)
         text = pattern.sub(lambda _: block, text) if pattern.search(text) else text + "\n" + block
     else:
         text = "# Merge quality\n\n" + block

@@ -33,11 +33,7 @@ from ..router import (
     routed_preference,
 )
 from .evaluate import left_padded_tokenizer
-from .tasks import TASKS
-
-CALIBRATION_SEED = 2002
-"""Seed of the calibration prompts (what `loramerge prepare` writes next to each adapter)."""
-CALIBRATION_PROMPTS = 64
+from .tasks import CALIBRATION_PROMPTS, CALIBRATION_SEED, TASKS
 
 DEFAULT_ROUTE: tuple[tuple[str, Any], ...] = (
     ("alpha", 0.5),
@@ -53,7 +49,8 @@ empty for uniform."""
 
 
 def calibration_prompts(pool: AdapterPool, n: int = CALIBRATION_PROMPTS) -> dict[str, list[str]]:
-    """Per adapter of `pool` named after a default task, `n` prompts of the task (seed 2002)."""
+    """Per adapter of `pool` named after a default task, `n` prompts of the task drawn with
+    CALIBRATION_SEED: the `calibration_prompts.jsonl` that `loramerge prepare` writes."""
     tasks = {task.name: task for task in TASKS}
     return {
         name: [e.prompt for e in tasks[name].examples(CALIBRATION_SEED, n)] if name in tasks else []

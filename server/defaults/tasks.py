@@ -90,6 +90,12 @@ def _caesar(rng: random.Random) -> Example:
     )
 
 
+CALIBRATION_SEED = 2002
+"""Seed of the default tasks' unlabeled calibration prompts (input statistics, tuning, routing):
+not the training seed (0), nor the validation (1001) or test (1234) seeds of the quality table."""
+CALIBRATION_PROMPTS = 64
+"""Calibration prompts per default adapter."""
+
 TASKS: tuple[Task, ...] = (
     Task("add", "add two two-digit numbers", 160, _add),
     Task("reverse", "reverse the order of 3-5 words", 60, _reverse),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -44,30 +43,10 @@ def allowed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def calibration_files(
-    default_assets: DefaultAssets, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, str]:
-    """The router's calibration prompts of the default adapters (64 per task, seed 2002, as
-    `loramerge prepare` writes them), in files the config names (the adapters' directories
-    are shared and read-only here)."""
-    from loramerge.server.defaults.tasks import task_by_name
-
-    directory = tmp_path_factory.mktemp("calibration")
-    files = {}
-    for name in default_assets.adapters:
-        path = directory / f"{name}.jsonl"
-        prompts = [e.prompt for e in task_by_name(name).examples(2002, 64)]
-        path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-        files[name] = str(path)
-    return files
-
-
-@pytest.fixture(scope="session")
 def server(
     default_assets: DefaultAssets,
     default_cache_dir: Path,
     allowed_root: Path,
-    calibration_files: dict[str, str],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServerProcess]:
     """`loramerge serve` with the real engine on the embedded model and default adapters, with
@@ -84,7 +63,6 @@ def server(
             "merge": {"export_dir": f"/dev/shm/loramerge-test-{uuid.uuid4().hex[:8]}"},
             "store": {"url": f"sqlite:///{workdir / 'loramerge.db'}"},
             "auth": {"enabled": True},
-            "router": {"calibration": calibration_files},
         },
     )
     process.api_key = create_key(process.write_config(), "--admin")

@@ -93,7 +93,7 @@ def test_merge_and_export_a_peft_folder(
 ) -> None:
     preference = {task_names[0]: 1.0}
     report = client.merge(preference=preference)
-    assert report.adapter_id and report.rank > 0 and report.method == "ta"
+    assert report.adapter_id and report.rank > 0 and report.method == "regmean"
     out = client.export(tmp_path / "merged", preference=preference)
     adapter = load_adapter(out)  # the PEFT folder loads
     assert adapter.modules and (out / "adapter_config.json").is_file()

@@ -48,6 +48,26 @@ def test_there_is_one_adapter_per_task(default_assets: DefaultAssets) -> None:
         assert folder.name == name
         assert (folder / "adapter_config.json").is_file()
         assert (folder / "adapter_model.safetensors").is_file()
+        prompts = (folder / "calibration_prompts.jsonl").read_text().splitlines()
+        assert len(prompts) == 64 and all(json.loads(line)["prompt"] for line in prompts)
+
+
+def test_default_adapters_have_input_statistics_of_their_task(
+    default_assets: DefaultAssets,
+) -> None:
+    """One site per layer (q_proj and v_proj read the same input), over prompts and answers."""
+    from loramerge.merge_engine import load_adapter
+
+    adapter = load_adapter(default_assets.adapters["date"])
+    statistics = adapter.statistics
+    assert statistics is not None and statistics.prompts == 64
+    assert len(statistics.moments) == 30
+    q, v = (f"base_model.model.model.layers.7.self_attn.{k}" for k in ("q_proj", "v_proj"))
+    assert statistics.moment(q) is statistics.moment(v)
+    # more tokens than the prompts alone: the adapter's answers ("DD/MM/YY", EOS excluded) count
+    assert statistics.tokens > 64 * 40
+    moment = statistics.moment(q).double()
+    assert torch.allclose(moment, moment.T) and float(torch.linalg.eigvalsh(moment)[0]) > -1e-4
 
 
 @pytest.mark.parametrize("name", [task.name for task in TASKS])

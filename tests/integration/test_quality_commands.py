@@ -44,7 +44,7 @@ def test_eval_writes_the_table_and_plot(
     code = main(
         ["eval", "--config", str(config), "--n", "1", "--validation-n", "1", "--methods", "ta",
          "--results", str(tmp_path / "results"), "--doc", str(doc), "--plot", str(plot),
-         "--json", str(table)]
+         "--json", str(table), "--check-vllm", "0"]
     )  # fmt: skip
     assert code == 0
     rows = {row["label"]: row for row in json.loads(table.read_text())["rows"]}
@@ -52,3 +52,29 @@ def test_eval_writes_the_table_and_plot(
     assert rows["adapter add alone"]["accuracy"]["add"] in (0.0, 1.0)
     assert "| ta + pico |" in doc.read_text()
     assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_stats_writes_statistics_that_regmean_merges_with(
+    default_assets: DefaultAssets, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`loramerge stats` on a copy of an adapter, then a RegMean merge of a pool using it."""
+    import shutil
+
+    from loramerge.merge_engine import STATISTICS_FILE, AdapterPool, MergeSpec, merge
+
+    adapter = tmp_path / "add"
+    shutil.copytree(default_assets.adapters["add"], adapter)
+    (adapter / STATISTICS_FILE).unlink()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is 12 + 30?\nWhat is 71 + 18?\n")
+    code = main(
+        ["stats", "--adapter", str(adapter), "--prompts", str(prompts), "--answer-tokens", "4",
+         "--model", str(default_assets.model_dir), "--device", "cpu"]
+    )  # fmt: skip
+    assert code == 0
+    assert "30 input sites" in capsys.readouterr().out
+    statistics = load_adapter(adapter).statistics
+    assert statistics is not None and statistics.prompts == 2
+    pool = AdapterPool.load({"add": adapter, "date": default_assets.adapters["date"]})
+    result = merge(pool, {"add": 1, "date": 1}, MergeSpec("regmean", pico=False), device="cpu")
+    assert result.rank == 32 and result.report.method == "regmean"

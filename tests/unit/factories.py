@@ -76,3 +76,28 @@ def write_adapter(
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     (directory / "adapter_config.json").write_text(json.dumps(settings))
     return directory
+
+
+def write_statistics(directory: Path, seed: int, layers: int = LAYERS, tokens: int = 40) -> Path:
+    """Write `input_statistics.safetensors` into an adapter directory: per layer one input site
+    (q_proj and v_proj read the same input) with the moments of `tokens` random features, some
+    of them correlated, so that RegMean's solve is well-posed but not trivial."""
+    from loramerge.merge_engine import save_statistics
+    from loramerge.merge_engine.statistics import statistics_from_sums
+
+    generator = torch.Generator().manual_seed(seed)
+    features = SHAPES["q_proj"][1]
+    site_of, outer_sums, sums = {}, [], []
+    for layer in range(layers):
+        mixing = torch.eye(features) + 0.5 * torch.randn(features, features, generator=generator)
+        x = (
+            torch.randn(tokens, features, generator=generator, dtype=torch.float64)
+            @ mixing.double()
+        )
+        x = x + torch.randn(features, generator=generator, dtype=torch.float64)  # a mean
+        outer_sums.append(x.T @ x)
+        sums.append(x.sum(dim=0))
+        for kind in SHAPES:
+            site_of[f"base_model.model.model.layers.{layer}.self_attn.{kind}"] = layer
+    statistics = statistics_from_sums(site_of, outer_sums, sums, tokens=tokens, prompts=tokens // 8)
+    return save_statistics(statistics, directory)

@@ -183,3 +183,15 @@ def pico_compensate(merged: Tensor, originals: list[Tensor], rho: list[float]) -
     target = sum(r * float(torch.linalg.norm(d)) for r, d in zip(rho, originals, strict=True))
     norm = float(torch.linalg.norm(merged))
     return merged if norm <= 0 else merged * (target / max(norm, 1e-8))
+
+
+def regmean(
+    taus: list[Tensor], rho: list[float], grams: list[Tensor], scaling: float, off_diagonal: float
+) -> Tensor:
+    """RegMean (Jin et al. 2023) with ρ-weighted tasks and off-diagonal shrinkage α:
+    λ (Σ ρ_t ΔW_t G̃_t)(Σ ρ_t G̃_t + εI)⁻¹, G̃ = α G + (1 − α) diag(G), ε = 1e-6 · mean diag."""
+    shrunk = [off_diagonal * g + (1 - off_diagonal) * torch.diag(torch.diag(g)) for g in grams]
+    total = sum(r * g for r, g in zip(rho, shrunk, strict=True))
+    total = total + 1e-6 * torch.diag(total).mean() * torch.eye(total.shape[0], dtype=total.dtype)
+    numerator = sum(r * t @ g for r, t, g in zip(rho, taus, shrunk, strict=True))
+    return scaling * numerator @ torch.linalg.inv(total)

@@ -16,7 +16,8 @@ def test_defaults_listen_on_localhost() -> None:
     settings = load_settings(environ={})
     assert (settings.grpc.host, settings.grpc.port) == ("127.0.0.1", 50051)
     assert (settings.metrics.host, settings.metrics.port) == ("127.0.0.1", 9400)
-    assert settings.merge.method == "ta" and settings.merge.pico
+    assert (settings.merge.method, settings.merge.pico) == ("regmean", False)
+    assert (settings.merge.fallback_method, settings.merge.fallback_pico) == ("tsvm", True)
     assert settings.engine.max_lora_rank == 64
     assert settings.cache_dir == Path("~/.cache/loramerge").expanduser()
 

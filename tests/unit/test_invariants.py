@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import delta
-from factories import random_factors, write_adapter
+from factories import random_factors, write_adapter, write_statistics
 from loramerge.merge_engine import AdapterPool, MergeSpec, merge
 
 
@@ -31,6 +31,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
         ("ties", {"density": 1.0, "scaling": 1.0}),
         ("core", {}),
         ("dare_ties", {"drop_rate": 0.0}),
+        ("regmean", {}),
     ],
 )
 def test_one_hot_preference_reproduces_the_adapter(
@@ -95,11 +96,12 @@ def test_zero_weight_adapters_take_no_part(tmp_path: Path) -> None:
     """Adding a zero-weight adapter to the pool changes nothing (Pico, rule or DARE draws)."""
     shared = torch.randn(24, 8, generator=torch.Generator().manual_seed(1))
     paths = [
-        write_adapter(tmp_path / n, random_factors(i, shared=shared)) for i, n in enumerate("abc")
+        write_statistics(write_adapter(tmp_path / n, random_factors(i, shared=shared)), i).parent
+        for i, n in enumerate("abc")
     ]
     small = AdapterPool.load(paths[:2])
     large = AdapterPool.load(paths)
-    for method in ("ta", "dare_linear", "tsvm", "ties", "knots_ties", "svd_cur", "core"):
+    for method in ("ta", "dare_linear", "tsvm", "ties", "knots_ties", "svd_cur", "core", "regmean"):
         for pico in (False, True):
             spec = MergeSpec(method, pico=pico)
             left = merge(small, {"a": 1, "b": 2}, spec, dtype="float64")
@@ -132,7 +134,7 @@ def test_merging_never_modifies_the_pool(pool3: AdapterPool) -> None:
     }
     groups = pool3.groups(torch.device("cpu"), torch.float32)
     stacked = [b.clone() for g in groups for b in g.lora_b]
-    for method in ("ta", "ties", "dare_ties", "tsvm", "knots_ties", "core", "svd_cur"):
+    for method in ("ta", "ties", "dare_ties", "tsvm", "knots_ties", "core", "svd_cur", "regmean"):
         merge(pool3, {"code": 1, "math": 2}, MergeSpec(method=method, svc=True), device="cpu")
     for (name, module), (a, b) in before.items():
         part = pool3.adapter(name).modules[module]
@@ -143,7 +145,7 @@ def test_merging_never_modifies_the_pool(pool3: AdapterPool) -> None:
     )
 
 
-@pytest.mark.parametrize("method", ["ta", "tsvm", "knots_ties", "core", "svd_cur"])
+@pytest.mark.parametrize("method", ["ta", "tsvm", "knots_ties", "core", "svd_cur", "regmean"])
 def test_float32_agrees_with_float64(pool3: AdapterPool, method: str) -> None:
     preference = {"code": 1.0, "finance": 2.0, "math": 3.0}
     low = merge(pool3, preference, MergeSpec(method=method), dtype="float32")

@@ -9,13 +9,15 @@ import pytest
 import torch
 
 import reference as ref
-from factories import random_factors, write_adapter
+from factories import random_factors, write_adapter, write_statistics
 from loramerge.merge_engine import AdapterPool, MergeSpec, merge
+from loramerge.merge_engine.methods.regmean import RegMeanParams
 from loramerge.merge_engine.methods.svd_cur import SvdCurParams
 
 Tensor = torch.Tensor
 PREFERENCE = {"code": 2.0, "finance": 0.0, "math": 1.0, "medical": 1.5}
 SVD_CUR_MIX = SvdCurParams().mix
+REGMEAN_ALPHA = RegMeanParams().off_diagonal
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,8 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> AdapterPool:
         alpha=5,
         alpha_pattern={"v_proj": 10},
     )
+    for seed, name in enumerate(("code", "finance", "math", "medical"), start=11):
+        write_statistics(root / name, seed)
     return AdapterPool.load(sorted(root.iterdir()))
 
 
@@ -87,6 +91,13 @@ def reference_rules(pool: AdapterPool) -> dict[str, tuple[dict[str, object], Rul
 
         return rule
 
+    def regmean(scaling: float, off_diagonal: float) -> Rule:
+        def rule(taus, names, module, bs, as_):  # type: ignore[no-untyped-def]
+            grams = [pool.adapter(name).statistics.moment(module).double() for name in names]
+            return ref.regmean(taus, rho, grams, scaling, off_diagonal)
+
+        return rule
+
     return {
         "ta": ({}, lambda t, nm, m, b, a: ref.ta(t, rho, n, 1 / n)),
         "ta_scaled": ({"scaling": 0.7}, lambda t, nm, m, b, a: ref.ta(t, rho, n, 0.7)),
@@ -128,6 +139,8 @@ def reference_rules(pool: AdapterPool) -> dict[str, tuple[dict[str, object], Rul
             {"density": 0.6},
             lambda t, nm, m, b, a: ref.svd_cur(t, rho, 0.5, 0.6, 5, SVD_CUR_MIX),
         ),
+        "regmean": ({}, regmean(1.0, REGMEAN_ALPHA)),
+        "regmean_scaled": ({"scaling": 0.8, "off_diagonal": 1.0}, regmean(0.8, 1.0)),
     }
 
 
@@ -135,7 +148,7 @@ DENSE = {"ties", "dare_linear", "dare_ties"}
 CASES = [
     "ta", "ta_scaled", "ties", "dare_linear", "dare_ties", "tsvm", "knots_ties",
     "knots_dare_ties", "core", "core_ties", "core_tsvm", "core_dare_ties", "svd_cur",
-    "svd_cur_mix",
+    "svd_cur_mix", "regmean", "regmean_scaled",
 ]  # fmt: skip
 
 
@@ -144,7 +157,7 @@ CASES = [
 def test_method_matches_dense_fp64_reference(pool: AdapterPool, case: str, pico: bool) -> None:
     params, rule = reference_rules(pool)[case]
     method = case.split("_")[0] if case.startswith("core") else case.removesuffix("_scaled")
-    method = method.removesuffix("_mix")
+    method = method.removesuffix("_mix").removesuffix("_scaled")
     result = merge(
         pool,
         PREFERENCE,

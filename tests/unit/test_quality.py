@@ -17,9 +17,10 @@ from loramerge.server.defaults.quality import (
     merge_variants,
     normalised,
     normalised_interval,
+    pool_size_sweep,
     wilson,
 )
-from loramerge.server.defaults.quality_report import BEGIN, END, write_markdown
+from loramerge.server.defaults.quality_report import BEGIN, END, sweep_markdown, write_markdown
 from loramerge.server.quality_cli import read_prompts
 
 SPLIT = Split("test", 1234, 4)
@@ -90,9 +91,45 @@ def test_markdown_block_is_replaced_in_place(tmp_path: Path) -> None:
         tuned=(),
     )
     doc = tmp_path / "quality.md"
-    doc.write_text(f"# Title\n\nbefore\n\n{BEGIN}\nold\n{END}\n\nafter\n")
+    doc.write_text(f"# Title\n\nbefore\n\n{BEGIN}\nstale block\n{END}\n\nafter\n")
     write_markdown(table, doc)
     text = doc.read_text()
     assert text.startswith("# Title") and text.rstrip().endswith("after")
-    assert "old" not in text and text.count(BEGIN) == 1
+    assert "stale block" not in text and text.count(BEGIN) == 1
     assert "**0.67**" in text  # 2 of the own adapter's 3 correct items
+
+
+class _FakeScorer:
+    """Scores a merge of a subset by a rule of its parameters (a unit test of the sweep's
+    bookkeeping only; the real scorer runs in tests/integration/test_quality_commands.py)."""
+
+    def __init__(self) -> None:
+        self.pool = type("Pool", (), {"names": ("add", "date", "reverse")})()
+
+    def score(self, variant: Variant, split: Split) -> Scores:
+        if variant.source == "adapter":
+            return scores(variant.label, **{t: (True, True) for t in self.pool.names})
+        # λ = 0.5 wins on pairs, λ = 1 on the triple; tasks outside the subset score 0
+        good = dict(variant.params).get("scaling") == (0.5 if len(variant.subset) == 2 else 1.0)
+        hits = (True, good)
+        return scores(
+            variant.label,
+            **{t: hits if t in variant.subset else (False, False) for t in self.pool.names},
+        )
+
+
+def test_pool_size_sweep_averages_the_best_candidate_per_subset() -> None:
+    ta = next(v for v in merge_variants() if v.label == "ta")
+    sweep = pool_size_sweep(_FakeScorer(), SPLIT, [ta])  # type: ignore[arg-type]
+    pairs, triple = sweep["ta"]
+    assert (pairs.size, pairs.subsets, triple.size, triple.subsets) == (2, 3, 3, 1)
+    assert pairs.mean == pytest.approx(1.0) and triple.mean == pytest.approx(1.0)
+    assert pairs.winners == {"scaling=0.5": 3} and triple.winners == {"scaling=1.0": 1}
+    block = sweep_markdown(sweep, SPLIT)
+    assert "| ta | **1.00** (3 subsets: scaling=0.5 ×3)" in block
+
+
+def test_regmean_sweeps_its_off_diagonal_weight() -> None:
+    regmean = next(v for v in merge_variants() if v.label == "regmean")
+    values = {dict(c.params).get("off_diagonal") for c in candidates(regmean)}
+    assert {None, 0.5, 1.0} <= values

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any, TypeAlias
 
 PARAMETERS = ("scaling", "density", "drop_rate", "majority_sign", "seed", "inner", "branch_rank",
-              "mix")  # fmt: skip
+              "mix", "off_diagonal")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ class RouteOptions:
 class MergeOptions:
     """How to merge the pool; every field is optional (unset: the tenant's value, then the
     server's default). `parameters` holds the method's parameters by name: scaling, density,
-    drop_rate, majority_sign, seed, inner, branch_rank, mix. `route` (a RouteOptions, a dict
-    or True) routes generation requests by their prompt."""
+    drop_rate, majority_sign, seed, inner, branch_rank, mix, off_diagonal. `route` (a
+    RouteOptions, a dict or True) routes generation requests by their prompt."""
 
     method: str | None = None
     pico: bool | None = None
