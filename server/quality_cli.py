@@ -38,7 +38,7 @@ def add_parser(commands: Any) -> None:
     evaluate.add_argument(
         "--routed", action="store_true",
         help="also score the per-request router rows (router + ta, router + tsvm + pico; "
-        "`--methods router` selects them alone)",
+        "`--methods router` selects them alone, `--methods 'router + ta'` one)",
     )  # fmt: skip
     evaluate.add_argument("--results", type=Path, help="cache of per-variant results")
     evaluate.add_argument("--doc", type=Path, default=Path("docs/quality.md"))
@@ -137,7 +137,7 @@ def _eval(args: argparse.Namespace) -> int:
     variants = merge_variants() + (routed_variants() if args.routed else [])
     if args.methods:
         wanted = set(args.methods)
-        variants = [v for v in variants if v.label.split(" + ")[0] in wanted]
+        variants = [v for v in variants if {v.label.split(" + ")[0], v.label} & wanted]
     tuned = []
     for item in args.tuned:
         label, _, path = item.partition("=")

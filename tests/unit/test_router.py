@@ -356,3 +356,20 @@ def test_route_choice_survives_the_store_and_layers_field_by_field() -> None:
     assert MergeChoice.from_json(MergeChoice(method="ta").to_json()).route == RouteChoice()
     request = MergeChoice(route=RouteChoice(min_weight=0.1))
     assert request.over(stored).route == RouteChoice(True, 0.2, 0.1)
+
+
+# ----------------------------------------------------------------------------- offline rules
+
+
+def test_offline_rules_static_product_and_mixture(task_pool: AdapterPool) -> None:
+    from loramerge.server.defaults.routed import DEFAULT_ROUTE, route_items
+
+    prompts = [next(t for t in TASKS if t.name == "add").examples(1001, 1)[0].prompt]
+    route = dict(DEFAULT_ROUTE) | {"features": "ngram", "prior": (("add", 1.0), ("date", 1.0))}
+    names = task_pool.names  # add, caesar, date, reverse
+    static = route_items(task_pool, Path("."), route | {"rule": "static"}, prompts)
+    assert static == [(0.5, 0.0, 0.5, 0.0)]
+    (product,) = route_items(task_pool, Path("."), route | {"rule": "product"}, prompts)
+    assert product[names.index("add")] >= 0.9 and product[names.index("caesar")] == 0.0
+    (mixture,) = route_items(task_pool, Path("."), route | {"rule": "mixture"}, prompts)
+    assert mixture[names.index("date")] >= 0.2  # half of the prior's 0.5 always stays
