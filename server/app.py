@@ -52,6 +52,7 @@ from .merge_worker import MergeWorker
 from .metrics import Metrics, serve_metrics
 from .registry import AdapterRegistry
 from .residency import Residency
+from .router import build_router
 from .run_dir import create_run_dir, sweep_dead_runs
 from .selection import Selector
 from .servicers import AdaptersServicer, MergesServicer, TenantsServicer
@@ -151,7 +152,10 @@ async def _run(
     settings: Settings, metrics: Metrics, store: Store, registry: AdapterRegistry, model: Path
 ) -> None:
     slot = EngineSlot()
-    selector = Selector(settings, store, registry)
+    # The router tokenises with the engine's own tokenizer (routing waits for the engine, as
+    # generation does).
+    router = build_router(settings.router, model, lambda: slot.engine.get_tokenizer())
+    selector = Selector(settings, store, registry, router, metrics)
     merge = settings.merge
     await asyncio.to_thread(sweep_dead_runs, merge.export_dir)
     run_dir = await asyncio.to_thread(create_run_dir, merge.export_dir)

@@ -162,6 +162,48 @@ class MergeSettings(_Section):
     )
 
 
+class RouterSettings(_Section):
+    """Preference from the prompt (docs/router.md): requests and tenants that opt in
+    (MergeOptions.route) are served the merge for ρ ∝ ρ_tenant ⊙ softmax(s / T), s the cosine
+    similarities of the prompt's features to each adapter's calibration prompts."""
+
+    enabled: bool = Field(
+        True,
+        description="Offer routing. Off: requests asking for it get FAILED_PRECONDITION and "
+        "tenants that stored it are served their stored preference.",
+    )
+    features: Literal["embedding", "ngram"] = Field(
+        "embedding",
+        description="Prompt features: the mean of the base model's input-embedding rows over "
+        "the prompt's tokens (memory-mapped from its safetensors), or hashed character n-grams "
+        "(no model needed).",
+    )
+    temperature: float = Field(
+        0.05, ge=0, le=10, description="Default softmax temperature; 0: the nearest adapter only."
+    )
+    min_weight: float = Field(
+        0.0, ge=0, le=0.5, description="Default share below which a routed weight is dropped."
+    )
+    preference_step: float = Field(
+        0.1,
+        gt=0,
+        le=0.5,
+        description="Routed preferences are rounded to this step of the simplex (coarser than "
+        "merge.preference_step: close prompts share one merged version).",
+    )
+    calibration: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Adapter name → calibration prompt file (JSONL with prompt or messages, or "
+        "text lines), for adapters without calibration_prompts.jsonl in their directory.",
+    )
+    max_calibration_prompts: int = Field(
+        256, ge=1, le=100_000, description="Calibration prompts read per adapter at most."
+    )
+    max_text_chars: int = Field(
+        2048, ge=16, description="Characters of a prompt the router reads (the rest is ignored)."
+    )
+
+
 class StoreSettings(_Section):
     url: str = Field(
         "sqlite:///~/.local/share/loramerge/loramerge.db",
@@ -239,6 +281,7 @@ class Settings(_Section):
     engine: EngineSettings = EngineSettings()
     adapters: AdapterSettings = AdapterSettings()
     merge: MergeSettings = MergeSettings()
+    router: RouterSettings = RouterSettings()
     store: StoreSettings = StoreSettings()
     auth: AuthSettings = AuthSettings()
     tls: TlsSettings = TlsSettings()

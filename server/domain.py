@@ -29,6 +29,27 @@ def validate_tenant_id(tenant_id: str, field_name: str = "tenant_id") -> str:
 
 
 @dataclass(frozen=True)
+class RouteChoice:
+    """Routing options (preference from the prompt, server/router.py) as a tenant or a request
+    states them: None means "not said"."""
+
+    enabled: bool | None = None
+    temperature: float | None = None
+    min_weight: float | None = None
+
+    def over(self, base: RouteChoice) -> RouteChoice:
+        """These options where said, else `base`'s."""
+        return RouteChoice(
+            enabled=self.enabled if self.enabled is not None else base.enabled,
+            temperature=self.temperature if self.temperature is not None else base.temperature,
+            min_weight=self.min_weight if self.min_weight is not None else base.min_weight,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
 class MergeChoice:
     """Merge options as a tenant or a request states them: None means "not said"."""
 
@@ -38,6 +59,7 @@ class MergeChoice:
     svc: bool | None = None
     rank: int | None = None
     energy_compensation: bool | None = None
+    route: RouteChoice = field(default_factory=RouteChoice)
 
     def over(self, base: MergeChoice) -> MergeChoice:
         """These options where said, else `base`'s. Parameters only carry over when the
@@ -56,17 +78,20 @@ class MergeChoice:
                 if self.energy_compensation is not None
                 else base.energy_compensation
             ),
+            route=self.route.over(base.route),
         )
 
     def to_json(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["params"] = dict(self.params)
+        data["route"] = self.route.to_json()
         return {key: value for key, value in data.items() if value not in (None, {})}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> MergeChoice:
         values = dict(data)
         values["params"] = MappingProxyType(dict(values.get("params", {})))
+        values["route"] = RouteChoice(**values.get("route", {}))
         return cls(**values)
 
 

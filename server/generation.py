@@ -72,6 +72,15 @@ class Chunk:
     adapter_id: str
 
 
+def routing_text(request: GenerationRequest) -> str:
+    """What the router reads: the raw prompt, or the last user turn of a chat (the last turn
+    when no turn is the user's)."""
+    if request.prompt or not request.messages:
+        return request.prompt
+    users = [m.content for m in request.messages if m.role == "user"]
+    return users[-1] if users else request.messages[-1].content
+
+
 class Generator:
     """Runs generation requests on the engine, at most `max_concurrent` at once (all
     transports together)."""
@@ -117,7 +126,7 @@ class Generator:
         try:
             self._check_prompt_size(request)
             selection = await self._selector.select(
-                request.tenant_id, request.preference, request.merge
+                request.tenant_id, request.preference, request.merge, routing_text(request)
             )
             # Tokenising (and the chat template) is CPU work: off the event loop, once the
             # request is known to be valid otherwise.

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .domain import MergeChoice
+from .domain import MergeChoice, RouteChoice
 from .generation import Chunk, GenerationRequest, Message
 
 TENANT_PREFIX = "tenant:"
@@ -39,6 +39,14 @@ class MergeParameters(_Strict):
     mix: float | None = None
 
 
+class RouteOptions(_Strict):
+    """As loramerge.v1.RouteOptions: preference from the prompt (docs/router.md)."""
+
+    enabled: bool | None = None
+    temperature: float | None = Field(None, ge=0, le=10, allow_inf_nan=False)
+    min_weight: float | None = Field(None, ge=0, le=0.5, allow_inf_nan=False)
+
+
 class MergeOptions(_Strict):
     """As loramerge.v1.MergeOptions; unset fields take the tenant's, then the server's."""
 
@@ -48,6 +56,7 @@ class MergeOptions(_Strict):
     svc: bool | None = None
     rank: int | None = Field(None, ge=1)
     energy_compensation: bool | None = None
+    route: RouteOptions = RouteOptions()
 
     def choice(self) -> MergeChoice:
         params = self.parameters.model_dump(exclude_none=True)
@@ -58,6 +67,7 @@ class MergeOptions(_Strict):
             svc=self.svc,
             rank=self.rank,
             energy_compensation=self.energy_compensation,
+            route=RouteChoice(**self.route.model_dump(exclude_none=True)),
         )
 
 

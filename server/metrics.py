@@ -18,6 +18,7 @@ from .config import MetricsSettings
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _SLOW = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 OTHER_TENANT = "other"
+ROUTE_OUTCOMES = ("routed", "prior_only", "unavailable")
 
 
 class Metrics:
@@ -118,6 +119,35 @@ class Metrics:
         )
         self.generated_tokens = Counter(
             "loramerge_generated_tokens", "Tokens generated.", registry=registry
+        )
+        self.route_decisions = Counter(
+            "loramerge_route_decisions",
+            "Requests that asked for routing (MergeOptions.route), by outcome: routed; "
+            "prior_only (the preference gives no adapter with calibration prompts a weight: "
+            "served as is); unavailable (routing off or no calibration prompts: a tenant's "
+            "stored preference served instead).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ROUTE_OUTCOMES:
+            self.route_decisions.labels(outcome=outcome)
+        self.route_duration = Histogram(
+            "loramerge_route_duration_seconds",
+            "Time to route one prompt (features, similarities, preference).",
+            buckets=_FAST,
+            registry=registry,
+        )
+        self.route_top_weight = Histogram(
+            "loramerge_route_top_weight",
+            "Largest weight of a routed preference (1: one adapter).",
+            buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+            registry=registry,
+        )
+        self.route_adapters = Histogram(
+            "loramerge_route_adapters",
+            "Adapters with a non-zero weight in a routed preference.",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+            registry=registry,
         )
         self.tenant_requests = (
             Counter(

@@ -36,6 +36,11 @@ def add_parser(commands: Any) -> None:
         "--tuned", action="append", default=[], metavar="LABEL=DIR",
         help="also score a tuned PEFT adapter directory as its own row",
     )  # fmt: skip
+    evaluate.add_argument(
+        "--routed", action="store_true",
+        help="also score the per-request router rows (router + ta, router + tsvm + pico; "
+        "`--methods router` selects them alone, `--methods 'router + ta'` one)",
+    )  # fmt: skip
     evaluate.add_argument("--results", type=Path, help="cache of per-variant results")
     evaluate.add_argument("--doc", type=Path, default=Path("docs/quality.md"))
     evaluate.add_argument("--plot", type=Path, default=Path("docs/quality.png"))
@@ -101,7 +106,7 @@ def read_task_prompts(path: Path) -> list[tuple[str, str | None]]:
     adapter whose task the prompt is in a `task` (or `adapter`) string field, else None."""
     try:
         return read_prompt_file(path)
-    except (OSError, ValueError) as err:
+    except ValueError as err:
         raise SystemExit(f"loramerge tune: {err}") from None
 
 
@@ -126,6 +131,7 @@ def _eval(args: argparse.Namespace) -> int:
         check_table,
         merge_variants,
         pool_size_sweep,
+        routed_variants,
     )
     from .defaults.quality_report import (
         SWEEP_BEGIN,
@@ -150,10 +156,10 @@ def _eval(args: argparse.Namespace) -> int:
             bar.close()
 
     scorer = Scorer(assets.model_dir, pool, results, progress)
-    variants = merge_variants()
+    variants = merge_variants() + (routed_variants() if args.routed else [])
     if args.methods:
         wanted = set(args.methods)
-        variants = [v for v in variants if v.label.split(" + ")[0] in wanted]
+        variants = [v for v in variants if {v.label.split(" + ")[0], v.label} & wanted]
     tuned = []
     for item in args.tuned:
         label, _, path = item.partition("=")

@@ -21,7 +21,7 @@ from loramerge.merge_engine.diagnostics import ModuleDiagnostics, SpectrumStats,
 from loramerge.merge_engine.methods.parameters import PARAMETERS
 from loramerge.v1 import adapters_pb2, inference_pb2, merge_pb2, merges_pb2, tenants_pb2
 
-from .domain import MergeChoice, TenantRecord, TunedSummary, TunedWeights
+from .domain import MergeChoice, RouteChoice, TenantRecord, TunedSummary, TunedWeights
 from .errors import InvalidRequestError, shown
 from .tuning import TuningStatus
 from .versions import Version
@@ -85,7 +85,21 @@ def merge_choice_from_proto(options: merge_pb2.MergeOptions) -> MergeChoice:
         energy_compensation=(
             options.energy_compensation if options.HasField("energy_compensation") else None
         ),
+        route=route_choice_from_proto(options.route),
     )
+
+
+def route_choice_from_proto(options: merge_pb2.RouteOptions) -> RouteChoice:
+    """The routing options a message states (ranges are checked where they are resolved,
+    `selection.route_params`, for every transport alike); numbers must be finite."""
+    values: dict[str, Any] = {}
+    for name in ("enabled", "temperature", "min_weight"):
+        if options.HasField(name):
+            value = getattr(options, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidRequestError(f"merge.route.{name}", f"must be finite, got {value}")
+            values[name] = value
+    return RouteChoice(**values)
 
 
 def _check_parameter(field: str, value: Any) -> None:
@@ -111,6 +125,8 @@ def merge_choice_to_proto(choice: MergeChoice) -> merge_pb2.MergeOptions:
             setattr(options, name, value)
     for name, value in choice.params.items():
         setattr(options.parameters, name, value)
+    for name, value in choice.route.to_json().items():
+        setattr(options.route, name, value)
     return options
 
 

@@ -60,7 +60,7 @@ class Variant:
     """What is scored. `source` says which other fields apply."""
 
     label: str
-    source: Literal["base", "adapter", "merge", "tuned"]
+    source: Literal["base", "adapter", "merge", "tuned", "routed"]
     adapter: str | None = None  # adapter: its name in the pool
     method: str | None = None  # merge: the method and its parameters
     params: tuple[tuple[str, Any], ...] = ()
@@ -68,6 +68,7 @@ class Variant:
     svc: bool = False
     path: str | None = None  # tuned: a PEFT adapter directory
     subset: tuple[str, ...] = ()  # merge: the adapters with weight (uniform); () = all
+    route: tuple[tuple[str, Any], ...] = ()  # routed: router settings (routed.DEFAULT_ROUTE)
 
     def preference(self, pool: AdapterPool) -> dict[str, float]:
         """The merge's preference: uniform over `subset`, or over the whole pool."""
@@ -80,6 +81,10 @@ class Variant:
     def with_params(self, **values: Any) -> Variant:
         merged = dict(self.params) | values
         return dataclasses.replace(self, params=tuple(sorted(merged.items())))
+
+    def with_route(self, **values: Any) -> Variant:
+        merged = dict(self.route) | values
+        return dataclasses.replace(self, route=tuple(sorted(merged.items())))
 
 
 @dataclass(frozen=True)
@@ -110,14 +115,18 @@ class Scorer:
         self.cache_dir = cache_dir
         self.progress = progress
         self._model: FoldedModel | None = None
+        self._routed: Any = None  # routed.RoutedScorer, made on first use
 
     def score(self, variant: Variant, split: Split) -> Scores:
         path = self.cache_dir / split.name / f"{self._key(variant, split)}.json"
         if path.is_file():
             items = json.loads(path.read_text())["items"]
             return Scores(variant, split, {t: tuple(v) for t, v in items.items()})
-        tasks = [t for t in TASKS if not variant.subset or t.name in variant.subset]
-        items = self._evaluate(self.updates(variant), split, variant.label, tasks)
+        if variant.source == "routed":
+            items = self.routed().items(variant, split)
+        else:
+            tasks = [t for t in TASKS if not variant.subset or t.name in variant.subset]
+            items = self._evaluate(self.updates(variant), split, variant.label, tasks)
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"variant": dataclasses.asdict(variant), "split": dataclasses.asdict(split)}
         temporary = path.with_suffix(".tmp")
@@ -191,6 +200,8 @@ class Scorer:
     def _key(self, variant: Variant, split: Split) -> str:
         content = dataclasses.asdict(variant)
         content.pop("label")
+        if not variant.route:
+            content.pop("route")  # keys of variants from before routed rows stay valid
         if variant.source == "tuned":
             assert variant.path is not None
             content["path"] = load_adapter(Path(variant.path)).fingerprint
@@ -199,6 +210,33 @@ class Scorer:
         content.update(split=dataclasses.asdict(split), model=self.model_dir.name)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
 
+    def routed(self) -> Any:
+        """The scorer of routed variants (server/defaults/routed.py)."""
+        if self._routed is None:
+            from .routed import RoutedScorer
+
+            self._routed = RoutedScorer(self)
+        return self._routed
+
+    def hits(
+        self,
+        updates: Mapping[str, LoraModule],
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        label: str,
+    ) -> list[bool]:
+        """Exact-match results of `prompts` with `updates` folded into the base model."""
+        if self._model is None:
+            self._model = FoldedModel(self.model_dir)
+        self._model.fold(updates)
+        return exact_match(
+            self._model.model,
+            left_padded_tokenizer(self.model_dir),
+            prompts,
+            answers,
+            progress=None if self.progress is None else _bound(self.progress, label),
+        )
+
     def _evaluate(
         self,
         updates: Mapping[str, LoraModule],
@@ -206,16 +244,12 @@ class Scorer:
         label: str,
         tasks: Sequence[Task] = TASKS,
     ) -> dict[str, list[bool]]:
-        if self._model is None:
-            self._model = FoldedModel(self.model_dir)
-        self._model.fold(updates)
         examples = {task.name: task.examples(split.seed, split.n) for task in tasks}
-        hits = exact_match(
-            self._model.model,
-            left_padded_tokenizer(self.model_dir),
+        hits = self.hits(
+            updates,
             [e.prompt for task in tasks for e in examples[task.name]],
             [e.answer for task in tasks for e in examples[task.name]],
-            progress=None if self.progress is None else _bound(self.progress, label),
+            label,
         )
         return {
             task.name: hits[index * split.n : (index + 1) * split.n]
@@ -258,6 +292,11 @@ MEAN_GRID = (0.5, 1.0, 2.0)
 MIX_GRID = (None, 0.5, 0.65, 0.8)  # svd_cur α: eq. 33's rule or a fixed weight
 OFF_DIAGONAL_GRID = (0.3, 0.5, 0.7, 0.9, 1.0)  # regmean α
 _SUMMING = {"ta", "dare_linear", "tsvm"}
+# The router's grid (routed variants): features, temperature (0: the nearest adapter), step.
+ROUTE_FEATURES = ("embedding", "ngram")
+ROUTE_TEMPERATURES = (0.05, 0.0, 0.02, 0.1, 0.2)
+ROUTE_STEPS = (0.1, 0.05, 0.25)
+ROUTE_SWEPT = ("features", "temperature", "step")
 
 
 def base_variants(pool: AdapterPool) -> list[Variant]:
@@ -279,13 +318,33 @@ def merge_variants() -> list[Variant]:
     return variants
 
 
+def routed_variants() -> list[Variant]:
+    """The router rows: per-request preferences from the prompt (server/router.py), merged
+    with TA, TSV-M + Pico and RegMean at their defaults (docs/router.md)."""
+    from .routed import DEFAULT_ROUTE
+
+    return [
+        Variant("router + ta", "routed", method="ta", route=DEFAULT_ROUTE),
+        Variant("router + tsvm + pico", "routed", method="tsvm", pico=True, route=DEFAULT_ROUTE),
+        Variant("router + regmean", "routed", method="regmean", route=DEFAULT_ROUTE),
+    ]
+
+
 def candidates(variant: Variant) -> list[Variant]:
     """Parameter settings of `variant` tried on validation.
 
     With Pico, energy compensation rescales every module to the preference-weighted norm of the
-    adapters, so λ cancels and only non-scale parameters (svd_cur's α) are swept.
+    adapters, so λ cancels and only non-scale parameters (svd_cur's α) are swept. A routed
+    variant sweeps the router's features, temperature and step (the merge at its defaults).
     """
     assert variant.method is not None
+    if variant.source == "routed":
+        return [
+            variant.with_route(features=features, temperature=temperature, step=step)
+            for features in ROUTE_FEATURES
+            for temperature in ROUTE_TEMPERATURES
+            for step in ROUTE_STEPS
+        ]
     if variant.method == "svd_cur":
         return [variant.with_params(mix=mix) for mix in MIX_GRID]
     if variant.method == "regmean":  # λ = 1 is the regression solution; α sets its conditioning
@@ -386,6 +445,7 @@ def make_row(
 def describe_params(variant: Variant) -> str:
     fixed = {"inner"}
     shown = [f"{k}={v}" for k, v in variant.params if k not in fixed]
+    shown += [f"{k}={v}" for k, v in variant.route if k in ROUTE_SWEPT]
     return ", ".join(shown) or "defaults"
 
 
@@ -441,7 +501,6 @@ def build_table(
             value = normalised(scorer.score(candidate, validation), own_validation)
             tried.append((candidate, value))
         chosen, value = max(tried, key=lambda pair: pair[1])  # first (default) wins ties
-        report = merge(scorer.pool, chosen.preference(scorer.pool), chosen.spec()).report
         row = make_row(
             scorer.score(chosen, test),
             own_test,
@@ -449,6 +508,10 @@ def build_table(
             validation=value,
             tried=[(describe_params(c), v) for c, v in tried],
         )
+        if chosen.source == "routed":  # one merge per route: no single rank
+            merge_rows.append(row)
+            continue
+        report = merge(scorer.pool, chosen.preference(scorer.pool), chosen.spec()).report
         merge_rows.append(
             dataclasses.replace(row, rank=report.rank, retained_energy=report.retained_energy_min)
         )
@@ -467,11 +530,13 @@ def check_table(
     scorer: Scorer, table: Table, per_task: int, emit: Callable[[str], None] | None = None
 ) -> Table:
     """The table with every row's vLLM cross-check (`Scorer.check_serving`) filled in."""
-    variants = [row.variant for row in table.rows]
+    variants = [row.variant for row in table.rows if row.variant.source != "routed"]
     agreements = scorer.check_serving(variants, table.test, per_task, emit)
 
     def annotate(row: Row) -> Row:
-        agreement = agreements[row.variant.label]
+        agreement = agreements.get(row.variant.label)
+        if agreement is None:  # routed rows: one merge per route (tests/integration/test_routing)
+            return row
         return dataclasses.replace(row, served=(agreement.same, agreement.total))
 
     return table.replace_rows(annotate)

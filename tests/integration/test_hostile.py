@@ -137,6 +137,10 @@ def _params(**values: Any) -> merge_pb2.MergeOptions:
     return merge_pb2.MergeOptions(method="ties", parameters=merge_pb2.MergeParameters(**values))
 
 
+def _route(**values: Any) -> merge_pb2.MergeOptions:
+    return merge_pb2.MergeOptions(route=merge_pb2.RouteOptions(**{"enabled": True, **values}))
+
+
 _TENANTS, _ADAPTERS = "/loramerge.v1.Tenants/", "/loramerge.v1.Adapters/"
 SET, GET, LIST, DELETE, TUNE = (
     _TENANTS + n for n in ("SetTenant", "GetTenant", "ListTenants", "DeleteTenant", "TuneTenant")
@@ -621,6 +625,64 @@ def catalogue(first: str, root: Path) -> list[tuple[str, str, Any, grpc.StatusCo
             "preference",
         ),
         ("stream-temperature-3", STREAM, _generate(temperature=3.0), INVALID, "temperature"),
+        # The router (preference from the prompt)
+        (
+            "route-temperature-negative",
+            GENERATE,
+            _generate(merge=_route(temperature=-0.1)),
+            INVALID,
+            "merge.route.temperature",
+        ),
+        (
+            "route-temperature-11",
+            STREAM,
+            _generate(merge=_route(temperature=11.0)),
+            INVALID,
+            "merge.route.temperature",
+        ),
+        (
+            "route-temperature-nan",
+            GENERATE,
+            _generate(merge=_route(temperature=float("nan"))),
+            INVALID,
+            "merge.route.temperature",
+        ),
+        (
+            "route-min-weight-0.9",
+            GENERATE,
+            _generate(merge=_route(min_weight=0.9)),
+            INVALID,
+            "merge.route.min_weight",
+        ),
+        (
+            "route-min-weight-inf",
+            GENERATE,
+            _generate(merge=_route(min_weight=float("inf"))),
+            INVALID,
+            "merge.route.min_weight",
+        ),
+        (
+            "route-unknown-prior",
+            GENERATE,
+            _generate(preference={"nope": 1.0}, merge=_route()),
+            INVALID,
+            "nope",
+        ),
+        (
+            "set-route-temperature",
+            SET,
+            _tenant(preference=ok, merge=_route(temperature=1e9)),
+            INVALID,
+            "merge.route.temperature",
+        ),
+        ("merge-route", MERGE, _merge(preference=ok, merge=_route()), INVALID, "needs a prompt"),
+        (
+            "export-route",
+            EXPORT,
+            merges_pb2.ExportRequest(merge=_merge(preference=ok, merge=_route())),
+            INVALID,
+            "needs a prompt",
+        ),
         ("stream-prompt-1mb", STREAM, _generate(prompt="é" * 500_000), INVALID, "prompt"),
         # Merges
         ("merge-nothing", MERGE, _merge(), INVALID, "preference"),

@@ -54,6 +54,29 @@ def test_eval_writes_the_table_and_plot(
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
+def test_eval_scores_the_router_rows_request_by_request(
+    default_assets: DefaultAssets, tmp_path: Path
+) -> None:
+    """Routed rows: each item gets the merge of its own route; on the default tasks the router
+    picks each item's own adapter, so router + ta scores exactly what the adapters alone do."""
+    config = tmp_path / "config.yaml"
+    config.write_text(f"cache_dir: {default_assets.model_dir.parent.parent}\n")
+    table = tmp_path / "table.json"
+    code = main(
+        ["eval", "--config", str(config), "--n", "2", "--validation-n", "1", "--routed",
+         "--methods", "router + ta", "--results", str(tmp_path / "results"), "--doc",
+         str(tmp_path / "quality.md"), "--plot", str(tmp_path / "quality.png"), "--json",
+         str(table), "--check-vllm", "0"]
+    )  # fmt: skip
+    assert code == 0
+    rows = {row["label"]: row for row in json.loads(table.read_text())["rows"]}
+    assert "router + ta" in rows and "router + regmean" not in rows
+    routed = rows["router + ta"]
+    assert len(routed["tried"]) == 30  # features × temperature × step, on validation
+    for task, accuracy in routed["accuracy"].items():
+        assert accuracy == rows[f"adapter {task} alone"]["accuracy"][task]
+
+
 def test_stats_writes_statistics_that_regmean_merges_with(
     default_assets: DefaultAssets, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -218,3 +218,18 @@ def test_deadline_applies_to_every_call(fake: tuple[Fake, str]) -> None:
     with Client(target, retry=patient, timeout=0.5) as client, pytest.raises(Unavailable):
         client.get_tenant("acme")
     assert servicer.calls["GetTenant"] < 10  # retries stop at the deadline
+
+
+def test_route_options_travel_in_merge_options() -> None:
+    from loramerge_client import MergeOptions, RouteOptions
+    from loramerge_client._convert import merge_options, merge_options_from
+
+    for route in (True, {"enabled": True}, RouteOptions(enabled=True)):
+        message = merge_options(MergeOptions(route=route))
+        assert message.route.enabled and not message.route.HasField("temperature")
+    detailed = merge_options({"route": {"enabled": False, "temperature": 0.1, "min_weight": 0.2}})
+    back = merge_options_from(detailed)
+    assert back.route == RouteOptions(enabled=False, temperature=0.1, min_weight=0.2)
+    assert merge_options_from(merge_options(MergeOptions(method="ta"))).route is None
+    with pytest.raises(TypeError, match="unknown route option"):
+        merge_options({"route": {"temperture": 0.1}})

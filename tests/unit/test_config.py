@@ -69,6 +69,6 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 def test_the_example_file_is_valid_and_documents_every_section() -> None:
     settings = load_settings(EXAMPLE, {})
     text = EXAMPLE.read_text()
-    for section in ("grpc:", "metrics:", "engine:", "adapters:", "merge:", "store:"):
+    for section in ("grpc:", "metrics:", "engine:", "adapters:", "merge:", "router:", "store:"):
         assert section in text
     assert settings.grpc.host == "127.0.0.1"

@@ -83,7 +83,9 @@ class FixedSelector:
     def __init__(self, selection: Selection) -> None:
         self.selection = selection
 
-    async def select(self, tenant_id: str, preference: object, overrides: object) -> Selection:
+    async def select(
+        self, tenant_id: str, preference: object, overrides: object, text: str | None = None
+    ) -> Selection:
         return self.selection
 
 

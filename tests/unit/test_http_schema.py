@@ -52,6 +52,9 @@ def test_chat_body_becomes_a_generation_request() -> None:
             "loramerge.merge.parameters.densty",
         ),
         ({"max_tokens": 0}, "max_tokens"),
+        ({"loramerge": {"merge": {"route": {"temperature": 11}}}}, "loramerge.merge.route"),
+        ({"loramerge": {"merge": {"route": {"min_weight": -1}}}}, "loramerge.merge.route"),
+        ({"loramerge": {"merge": {"route": {"enabled": True, "k": 2}}}}, "loramerge.merge.route"),
     ],
 )
 def test_unsupported_or_invalid_fields_are_refused_by_name(
@@ -61,6 +64,14 @@ def test_unsupported_or_invalid_fields_are_refused_by_name(
         chat(**fields)
     locations = {".".join(str(p) for p in e["loc"]) for e in refused.value.errors()}
     assert any(location.startswith(param) for location in locations), locations
+
+
+def test_route_options_reach_the_generation_request() -> None:
+    route = {"enabled": True, "temperature": 0.1}
+    request = chat(loramerge={"merge": {"route": route}}).generation()
+    assert request.merge.route.enabled is True and request.merge.route.temperature == 0.1
+    assert request.merge.route.min_weight is None
+    assert chat().generation().merge.route.enabled is None
 
 
 def test_completion_takes_one_non_empty_prompt_and_openais_default_length() -> None:

@@ -26,6 +26,7 @@ from .types import (
     MergeOptions,
     MergeReport,
     RegisteredAdapter,
+    RouteOptions,
     Tenant,
     Tuning,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "RegisteredAdapter",
     "ResourceExhausted",
     "Retry",
+    "RouteOptions",
     "Tenant",
     "Tuning",
     "Unauthenticated",

@@ -20,6 +20,7 @@ from .types import (
     MergeReport,
     Messages,
     RegisteredAdapter,
+    RouteOptions,
     Tenant,
     Tuning,
 )
@@ -42,6 +43,8 @@ def merge_options(value: MergeOptionsLike | None) -> merge_pb2.MergeOptions:
         if name not in PARAMETERS:
             raise TypeError(f"unknown merge parameter {name!r}; known: {', '.join(PARAMETERS)}")
         setattr(message.parameters, name, parameter)
+    for name, value in RouteOptions.coerce(options.route).to_dict().items():
+        setattr(message.route, name, value)
     return message
 
 
@@ -58,6 +61,15 @@ def merge_options_from(message: merge_pb2.MergeOptions) -> MergeOptions:
         energy_compensation=(
             message.energy_compensation if message.HasField("energy_compensation") else None
         ),
+        route=RouteOptions(
+            **{
+                name: getattr(message.route, name)
+                for name in RouteOptions.__dataclass_fields__
+                if message.route.HasField(name)
+            }
+        )
+        if message.HasField("route")
+        else None,
     )
 
 

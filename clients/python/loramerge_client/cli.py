@@ -24,7 +24,7 @@ from ._common import DEFAULT_TARGET, TLS
 from .client import Client
 from .errors import LoramergeError
 from .tuning import read_phi_file, read_prompt_file
-from .types import PARAMETERS, MergeOptions
+from .types import PARAMETERS, MergeOptions, RouteOptions
 
 TARGET_ENV = "LORAMERGE_TARGET"
 TOKEN_ENV = "LORAMERGE_TOKEN"
@@ -72,8 +72,16 @@ def _merge_options(args: argparse.Namespace) -> MergeOptions:
             f"loramerge: unknown --param {', '.join(sorted(unknown))}; known: "
             + ", ".join(PARAMETERS)
         )
+    route = RouteOptions(
+        enabled=args.route, temperature=args.route_temperature, min_weight=args.route_min_weight
+    )
     return MergeOptions(
-        method=args.method, pico=args.pico, parameters=parameters, svc=args.svc, rank=args.rank
+        method=args.method,
+        pico=args.pico,
+        parameters=parameters,
+        svc=args.svc,
+        rank=args.rank,
+        route=route if route.to_dict() else None,
     )
 
 
@@ -124,6 +132,14 @@ def _merge_flags() -> argparse.ArgumentParser:
     group.add_argument("--pico", action=argparse.BooleanOptionalAction, default=None)
     group.add_argument("--svc", action=argparse.BooleanOptionalAction, default=None)
     group.add_argument("--rank", type=int, help="target rank / rank cap")
+    group.add_argument(
+        "--route", action=argparse.BooleanOptionalAction, default=None,
+        help="route generation requests to the adapters by their prompt",
+    )  # fmt: skip
+    group.add_argument("--route-temperature", type=float, help="router temperature, [0, 10]")
+    group.add_argument(
+        "--route-min-weight", type=float, help="routed weights below this are dropped, [0, 0.5]"
+    )
     return merge
 
 

@@ -38,8 +38,13 @@ def read_prompt_file(path: str | Path) -> list[tuple[str, str | None]]:
     the prompt is; any other line is a prompt without a task. Raises ValueError naming the file
     and line."""
     where = Path(path)
+    try:
+        content = where.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise ValueError(f"{where}: cannot read ({reason})") from None
     prompts: list[tuple[str, str | None]] = []
-    for number, line in enumerate(where.read_text().splitlines(), start=1):
+    for number, line in enumerate(content.splitlines(), start=1):
         text = line.strip()
         if not text:
             continue

@@ -12,10 +12,39 @@ PARAMETERS = ("scaling", "density", "drop_rate", "majority_sign", "seed", "inner
 
 
 @dataclass(frozen=True)
+class RouteOptions:
+    """Preference from the prompt: route each generation request to the adapters by its text
+    (the server's docs/router.md). Unset fields: the tenant's value, then the server's."""
+
+    enabled: bool | None = None
+    temperature: float | None = None  # in [0, 10]; 0: the nearest adapter only
+    min_weight: float | None = None  # in [0, 0.5]: smaller routed weights are dropped
+
+    @classmethod
+    def coerce(cls, value: RouteOptions | Mapping[str, Any] | bool | None) -> RouteOptions:
+        """A RouteOptions from itself, a dict with the same keys, a bool (`enabled`) or None."""
+        if value is None:
+            return cls()
+        if isinstance(value, RouteOptions):
+            return value
+        if isinstance(value, bool):
+            return cls(enabled=value)
+        unknown = set(value) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise TypeError(f"unknown route option(s): {', '.join(sorted(unknown))}")
+        return cls(**value)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return {k: v for k, v in data.items() if v is not None}
+
+
+@dataclass(frozen=True)
 class MergeOptions:
     """How to merge the pool; every field is optional (unset: the tenant's value, then the
     server's default). `parameters` holds the method's parameters by name: scaling, density,
-    drop_rate, majority_sign, seed, inner, branch_rank, mix, off_diagonal."""
+    drop_rate, majority_sign, seed, inner, branch_rank, mix, off_diagonal. `route` (a
+    RouteOptions, a dict or True) routes generation requests by their prompt."""
 
     method: str | None = None
     pico: bool | None = None
@@ -23,6 +52,7 @@ class MergeOptions:
     svc: bool | None = None
     rank: int | None = None
     energy_compensation: bool | None = None
+    route: RouteOptions | Mapping[str, Any] | bool | None = None
 
     @classmethod
     def coerce(cls, value: MergeOptionsLike | None) -> MergeOptions:
@@ -40,6 +70,7 @@ class MergeOptions:
         """The options that are set, as JSON-friendly values."""
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
         data["parameters"] = dict(self.parameters)
+        data["route"] = RouteOptions.coerce(self.route).to_dict()
         return {k: v for k, v in data.items() if v is not None and v != {}}
 
 
