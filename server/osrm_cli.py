@@ -6,7 +6,9 @@ osrm init     per adapter, the A-initialisation Ã from the OTHER adapters' inpu
               this for the default pool).
 osrm project  the post-hoc variant for adapters that exist: each adapter re-expressed on its Ã
               (B̂ = ΔW Ãᵀ), written as PEFT adapters `<out>/<name>/` that PEFT and vLLM load,
-              with the input statistics (and calibration prompts) copied along.
+              with its calibration prompts copied along. Input statistics include the adapter's
+              own answers, so a projected adapter needs its own: `--stats` computes them from
+              those prompts (or run `loramerge stats` later).
 
 Every adapter needs `input_statistics.safetensors` (`loramerge stats`). `--out` is a new
 directory, written atomically.
@@ -29,13 +31,13 @@ from typing import Any
 from safetensors.torch import save
 
 from loramerge.merge_engine import (
-    STATISTICS_FILE,
     AdapterPool,
     ExportError,
     InputStatistics,
     LoraAdapter,
     LoraModule,
     MissingStatisticsError,
+    save_statistics,
 )
 from loramerge.merge_engine.export import save_modules
 from loramerge.merge_engine.osrm import (
@@ -79,6 +81,15 @@ def add_parser(commands: Any) -> None:
         )  # fmt: skip
         if name == "init":
             action.add_argument("--rank", type=int, help="rank of Ã (default: each module's)")
+        else:
+            action.add_argument(
+                "--stats", action="store_true",
+                help=f"also write each projected adapter's input statistics from its "
+                f"{PROMPTS_FILE} (runs the base model; needed to merge them with regmean)",
+            )  # fmt: skip
+            action.add_argument("--model", type=Path, help="with --stats: base model directory "
+                                "(default: engine.model, else the embedded model)")  # fmt: skip
+            action.add_argument("--config", type=Path, help="with --stats: YAML config file")
         action.set_defaults(run=_init if name == "init" else _project)
 
 
@@ -193,6 +204,10 @@ def _write_init(job: _Job) -> dict[str, Any]:
 
 
 def _project(args: argparse.Namespace) -> int:
+    if args.stats:
+        from .statistics_cli import _configured_model
+
+        args.model = args.model or _configured_model(args.config)
     return _each_adapter(args, lambda a, key: a.modules[key].rank, _write_project)
 
 
@@ -200,12 +215,11 @@ def _write_project(job: _Job) -> dict[str, Any]:
     """The projected PEFT adapter `<name>/`, with the statistics and prompts copied along."""
     adapter = job.adapter
     modules = project_modules(adapter.modules, job.basis.a)
-    files = {
-        name: (adapter.path / name).read_bytes()
-        for name in (STATISTICS_FILE, PROMPTS_FILE)
-        if (adapter.path / name).is_file()
-    }
-    save_modules(
+    prompts = adapter.path / PROMPTS_FILE
+    if job.args.stats and not prompts.is_file():
+        raise SystemExit(f"loramerge osrm project --stats: {prompts} does not exist")
+    files = {PROMPTS_FILE: prompts.read_bytes()} if prompts.is_file() else {}
+    written = save_modules(
         modules,
         job.staging / adapter.name,
         target_modules=adapter.target_modules,
@@ -213,6 +227,8 @@ def _write_project(job: _Job) -> dict[str, Any]:
         metadata={"osrm": "project", "source_fingerprint": adapter.fingerprint},
         files=files,
     )
+    if job.args.stats:
+        _write_statistics(job.args.model, written, modules)
     kept = [kept_energy(module, job.basis.a[key]) for key, module in adapter.modules.items()]
     before, after = job.diagnose(adapter.modules), job.diagnose(modules)
     return {
@@ -224,6 +240,15 @@ def _write_project(job: _Job) -> dict[str, Any]:
         "cross_talk_before": before["cross_talk"],
         "cross_talk_after": after["cross_talk"],
     }
+
+
+def _write_statistics(model_dir: Path, folder: Path, modules: Mapping[str, LoraModule]) -> None:
+    """The projected adapter's own input statistics (its answers to its calibration prompts)."""
+    from .defaults.statistics import collect_statistics
+    from .quality_cli import read_prompts
+
+    prompts = read_prompts(folder / PROMPTS_FILE)
+    save_statistics(collect_statistics(model_dir, prompts, modules), folder)
 
 
 def _mean(values: Iterable[float]) -> float:

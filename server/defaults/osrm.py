@@ -3,17 +3,18 @@
 Each default task's adapter is trained exactly as the standard one (`train.RECIPE`, same steps,
 examples and seed) except that its A factors start at OSRM's Ã: the eigenvectors of the other
 tasks' input second moment with the smallest eigenvalues (`merge_engine.osrm`), computed from
-the standard adapters' input statistics (which depend only on the base model and the tasks'
-calibration prompts). The adapters go to `<cache>/adapters-osrm/<task>` (`adapters-osrm-mean`
-for the paper's mean-row variant); the standard pool is only read. Each folder also gets the
-task's calibration prompts and input statistics (so RegMean can merge the pool) and `osrm.json`:
-the init's and the trained adapter's interference with the other tasks, and how far A moved.
+the standard adapters' input statistics (the base model's features on each task's calibration
+prompts and that task's adapter's answers). The adapters go to `<cache>/adapters-osrm/<task>`
+(`adapters-osrm-mean` for the paper's mean-row variant); the standard pool is only read. Each
+folder also gets `osrm.json` (the init's and the trained adapter's interference with the other
+tasks, and how far A moved) and, like the standard pool (`calibration.ensure_calibration`), the
+task's calibration prompts and its OWN input statistics (with its own answers), so that RegMean
+can merge the pool.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,7 +25,7 @@ from loramerge.merge_engine import STATISTICS_FILE, InputStatistics, load_adapte
 from loramerge.merge_engine.osrm import Features, Weighting, diagnose, osrm_basis
 
 from .cache import build_atomically, is_built
-from .calibration import PROMPTS_FILE
+from .calibration import ensure_calibration
 from .errors import DefaultAssetsError
 from .tasks import TASKS
 from .train import ADAPTER_FILES, RECIPE, _load_base, _train
@@ -64,8 +65,6 @@ def ensure_osrm_adapters(
         emit(f"training OSRM adapter {task.name} ({task.train_steps} steps) ...")
         with build_atomically(folders[task.name]) as staging:
             loss = _train(_load_base(model_dir), tokenizer, task, staging, lora_a=basis.a)
-            for name in (PROMPTS_FILE, STATISTICS_FILE):
-                shutil.copyfile(standard[task.name] / name, staging / name)
             trained = load_adapter(staging, task.name)
             summary = {
                 "features": features,
@@ -83,6 +82,7 @@ def ensure_osrm_adapters(
             f"A moved {100 * summary['procrustes']:.0f}% (Procrustes), "
             f"{time.monotonic() - started:.1f} s"
         )
+    ensure_calibration(model_dir, folders, progress)
     return folders
 
 

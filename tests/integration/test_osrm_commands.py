@@ -4,6 +4,7 @@ projected pool next to the default one, at tiny sizes (the real rows: docs/osrm.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ def test_projected_default_pool_is_scored_as_its_own_rows(
         # the other tasks' inputs barely reach the projected adapter: most of it is dropped
         entry = summary["adapters"][name]
         assert entry["cross_talk_after"] < entry["cross_talk_before"]
-        assert load_adapter(projected / name).statistics is not None
+        assert (projected / name / "calibration_prompts.jsonl").is_file()
+        assert load_adapter(projected / name).modules
 
     config = tmp_path / "config.yaml"
     config.write_text(f"cache_dir: {default_assets.model_dir.parent.parent}\n")
@@ -46,3 +48,25 @@ def test_projected_default_pool_is_scored_as_its_own_rows(
     assert rows["projected: ta"]["pool"] == "projected"
     assert rows["projected: ta"]["normalised_own"] is not None
     assert "normalised to own pool" in (tmp_path / "quality.md").read_text()
+
+
+def test_project_with_stats_writes_the_projected_adapters_own_statistics(
+    default_assets: DefaultAssets, tmp_path: Path
+) -> None:
+    pool = {}
+    for name in ("add", "date"):  # copies with two calibration prompts each, to stay fast
+        folder = pool[name] = tmp_path / "pool" / name
+        shutil.copytree(default_assets.adapters[name], folder)
+        (folder / "calibration_prompts.jsonl").write_text(
+            '{"prompt": "What is 12 + 30?"}\n{"prompt": "Write the date 3 May 1999 as DD/MM/YY."}\n'
+        )
+    adapters = [arg for name, path in pool.items() for arg in ("--adapter", f"{name}={path}")]
+    out = tmp_path / "projected"
+    code = main(
+        ["osrm", "project", *adapters, "--stats", "--model", str(default_assets.model_dir),
+         "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    for name in pool:
+        statistics = load_adapter(out / name).statistics
+        assert statistics is not None and statistics.prompts == 2

@@ -89,11 +89,9 @@ def test_project_writes_peft_adapters_that_peft_loads(
     summary = json.loads((out / "osrm_project.json").read_text())
     for name in NAMES:
         source, projected = load_adapter(adapters[name]), load_adapter(out / name)
-        assert projected.statistics is not None  # copied along: it depends on prompts only
-        assert (out / name / STATISTICS_FILE).read_bytes() == (
-            adapters[name] / STATISTICS_FILE
-        ).read_bytes()
-        assert (out / name / "calibration_prompts.jsonl").is_file()
+        # statistics include the adapter's own answers: not copied (`--stats` computes them)
+        assert projected.statistics is None
+        assert (out / name / "calibration_prompts.jsonl").read_text() == '{"prompt": "hi"}\n'
         basis = load_file(str(init / f"{name}.safetensors"))
         model = PeftModel.from_pretrained(tiny_llama(), str(out / name))
         for key, module in source.modules.items():
