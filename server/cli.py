@@ -6,6 +6,7 @@ loramerge merge      merge local adapters into a PEFT adapter directory, offline
 loramerge diagnose   interference diagnostics of local adapters
 loramerge eval       measure merge quality on the default tasks (docs/quality.md)
 loramerge tune       merge, then distill the merge on unlabeled prompts
+loramerge osrm       OSRM: A-initialisation and post-hoc projection of adapters
 loramerge keys       create, list and revoke API keys
 
 On a running server (loramerge_client): generate, tenants, adapters, remote-merge.
@@ -40,7 +41,7 @@ from loramerge_client.cli import add_parser as add_remote_commands
 from loramerge_client.cli import parse_pairs as _pairs
 from loramerge_client.cli import parse_preference as _weights
 
-from . import keys_cli, quality_cli, statistics_cli
+from . import keys_cli, osrm_cli, quality_cli, statistics_cli
 from .config import load_settings
 from .errors import ServerError
 
@@ -92,6 +93,7 @@ def _prepare(args: argparse.Namespace) -> int:
     print(f"model: {assets.model_dir}")
     for name, path in assets.adapters.items():
         print(f"adapter {name}: {path}")
+    osrm_cli.prepare_osrm(args, assets, settings.cache_dir)
     print(f"ready in {time.monotonic() - started:.1f} s")
     return 0
 
@@ -204,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="prepare the embedded model and adapters")
     prepare.add_argument("--config", type=Path, help="YAML config file")
     prepare.add_argument("--cache-dir", type=Path, help="where to cache them")
+    osrm_cli.add_prepare_options(prepare)
     prepare.set_defaults(run=_prepare)
 
     merge_cmd = commands.add_parser("merge", help="merge local adapters into a new adapter")
@@ -222,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     methods.set_defaults(run=_methods)
     quality_cli.add_parser(commands)
     statistics_cli.add_parser(commands)
+    osrm_cli.add_parser(commands)
     keys_cli.add_parser(commands)
     add_remote_commands(commands)
     return parser

@@ -41,6 +41,11 @@ def add_parser(commands: Any) -> None:
         help="also score the per-request router rows (router + ta, router + tsvm + pico; "
         "`--methods router` selects them alone, `--methods 'router + ta'` one)",
     )  # fmt: skip
+    evaluate.add_argument(
+        "--pool", action="append", default=[], metavar="NAME=DIR",
+        help="also score the chosen methods on another pool of the default tasks (DIR holds "
+        "one adapter folder per task, e.g. <cache>/adapters-osrm)",
+    )  # fmt: skip
     evaluate.add_argument("--results", type=Path, help="cache of per-variant results")
     evaluate.add_argument("--doc", type=Path, default=Path("docs/quality.md"))
     evaluate.add_argument("--plot", type=Path, default=Path("docs/quality.png"))
@@ -121,6 +126,7 @@ def _eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .defaults.quality import (
+        DEFAULT_POOL,
         SWEEP_METHODS,
         TEST_SEED,
         VALIDATION_SEED,
@@ -129,6 +135,7 @@ def _eval(args: argparse.Namespace) -> int:
         Variant,
         build_table,
         check_table,
+        in_pool,
         merge_variants,
         pool_size_sweep,
         routed_variants,
@@ -155,11 +162,13 @@ def _eval(args: argparse.Namespace) -> int:
         if done >= total:
             bar.close()
 
-    scorer = Scorer(assets.model_dir, pool, results, progress)
+    pools = _other_pools(args.pool, pool)
+    scorer = Scorer(assets.model_dir, pool, results, progress, pools)
     variants = merge_variants() + (routed_variants() if args.routed else [])
     if args.methods:
         wanted = set(args.methods)
         variants = [v for v in variants if {v.label.split(" + ")[0], v.label} & wanted]
+    variants += [in_pool(v, name) for name in pools for v in variants if v.source != "routed"]
     tuned = []
     for item in args.tuned:
         label, _, path = item.partition("=")
@@ -179,7 +188,11 @@ def _eval(args: argparse.Namespace) -> int:
     write_plot(table, args.plot)
     if args.sweep > 0:
         validation = Split("validation", VALIDATION_SEED, args.sweep)
-        swept = [v for v in variants if v.method in SWEEP_METHODS and not v.svc]
+        swept = [
+            v
+            for v in variants
+            if v.method in SWEEP_METHODS and not v.svc and v.pool == DEFAULT_POOL
+        ]
         sweep = pool_size_sweep(scorer, validation, swept)
         write_block(sweep_markdown(sweep, validation), SWEEP_BEGIN, SWEEP_END, args.doc)
     if args.json:
@@ -189,6 +202,25 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _other_pools(items: list[str], default: AdapterPool) -> dict[str, AdapterPool]:
+    """`--pool NAME=DIR`: DIR/<task> for every adapter of the default pool."""
+    from .cli import _pairs
+
+    pools = {}
+    for name, raw in _pairs(items, "--pool").items():
+        if name == "default":
+            raise SystemExit("loramerge eval: --pool: the name 'default' is the default pool's")
+        folder = Path(raw).expanduser()
+        missing = [task for task in default.names if not (folder / task).is_dir()]
+        if missing:
+            raise SystemExit(
+                f"loramerge eval: --pool {name}: {folder} has no adapter folder "
+                f"{', '.join(repr(t) for t in missing)} (one per default task)"
+            )
+        pools[name] = AdapterPool.load({task: folder / task for task in default.names})
+    return pools
+
+
 def _table_json(table: Any) -> dict[str, Any]:
     return {
         "validation": dataclasses.asdict(table.validation),
@@ -196,6 +228,8 @@ def _table_json(table: Any) -> dict[str, Any]:
         "rows": [
             {
                 "label": row.variant.label,
+                "pool": row.variant.pool,
+                "normalised_own": row.normalised_own,
                 "params": dict(row.variant.params),
                 "accuracy": dict(row.accuracy),
                 "normalised": row.normalised,

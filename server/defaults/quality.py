@@ -40,6 +40,8 @@ from .serving_check import Agreement, Served, check_serving
 from .tasks import TASKS, Task
 
 VALIDATION_SEED = 1001
+DEFAULT_POOL = "default"
+"""The pool of the default adapters: every accuracy is normalised by its adapters' own."""
 TEST_SEED = 1234
 BOOTSTRAP_SAMPLES = 2000
 
@@ -69,6 +71,7 @@ class Variant:
     path: str | None = None  # tuned: a PEFT adapter directory
     subset: tuple[str, ...] = ()  # merge: the adapters with weight (uniform); () = all
     route: tuple[tuple[str, Any], ...] = ()  # routed: router settings (routed.DEFAULT_ROUTE)
+    pool: str = DEFAULT_POOL  # adapter, merge: which pool (`Scorer.pools`) the adapters come from
 
     def preference(self, pool: AdapterPool) -> dict[str, float]:
         """The merge's preference: uniform over `subset`, or over the whole pool."""
@@ -101,7 +104,10 @@ class Scores:
 
 
 class Scorer:
-    """Scores variants on splits with one folded model, caching item results in `cache_dir`."""
+    """Scores variants on splits with one folded model, caching item results in `cache_dir`.
+
+    `pool` is the default pool; `pools` adds other pools of the same tasks (name → pool, e.g.
+    adapters trained from OSRM's init) that variants name in `Variant.pool`."""
 
     def __init__(
         self,
@@ -109,9 +115,11 @@ class Scorer:
         pool: AdapterPool,
         cache_dir: Path,
         progress: Progress | None = None,
+        pools: Mapping[str, AdapterPool] | None = None,
     ) -> None:
         self.model_dir = model_dir
         self.pool = pool
+        self.pools = {DEFAULT_POOL: pool, **(pools or {})}
         self.cache_dir = cache_dir
         self.progress = progress
         self._model: FoldedModel | None = None
@@ -134,31 +142,40 @@ class Scorer:
         temporary.replace(path)
         return Scores(variant, split, {t: tuple(v) for t, v in items.items()})
 
+    def pool_of(self, variant: Variant) -> AdapterPool:
+        """The pool `variant`'s adapters come from."""
+        pool = self.pools.get(variant.pool)
+        if pool is None:
+            raise ValueError(f"variant {variant.label!r}: no pool {variant.pool!r} was loaded")
+        return pool
+
     def updates(self, variant: Variant) -> Mapping[str, LoraModule]:
         """The LoRA modules `variant` adds to the base model (none for the base)."""
         if variant.source == "base":
             return {}
+        pool = self.pool_of(variant)
         if variant.source == "adapter":
             assert variant.adapter is not None
-            return self.pool.adapter(variant.adapter).modules
+            return pool.adapter(variant.adapter).modules
         if variant.source == "tuned":
             assert variant.path is not None
             return load_adapter(Path(variant.path)).modules
-        return merge(self.pool, variant.preference(self.pool), variant.spec(), device="cpu").modules
+        return merge(pool, variant.preference(pool), variant.spec(), device="cpu").modules
 
     def served(self, variant: Variant, scratch: Path) -> Served:
         """`variant` as vLLM would serve it: its modules and a PEFT directory (merges are
         exported into `scratch`)."""
         if variant.source == "base":
             return Served({}, None)
+        pool = self.pool_of(variant)
         if variant.source == "adapter":
             assert variant.adapter is not None
-            adapter = self.pool.adapter(variant.adapter)
+            adapter = pool.adapter(variant.adapter)
             return Served(adapter.modules, adapter.path)
         if variant.source == "tuned":
             assert variant.path is not None
             return Served(load_adapter(Path(variant.path)).modules, Path(variant.path))
-        result = merge(self.pool, variant.preference(self.pool), variant.spec(), device="cpu")
+        result = merge(pool, variant.preference(pool), variant.spec(), device="cpu")
         path = save_adapter(result, scratch / self._key(variant, Split("test", 0, 0)))
         return Served(result.modules, path)
 
@@ -202,11 +219,12 @@ class Scorer:
         content.pop("label")
         if not variant.route:
             content.pop("route")  # keys of variants from before routed rows stay valid
+        content.pop("pool")  # the pool's fingerprint stands for it (same keys as before pools)
         if variant.source == "tuned":
             assert variant.path is not None
             content["path"] = load_adapter(Path(variant.path)).fingerprint
         else:
-            content["pool"] = self.pool.fingerprint
+            content["pool"] = self.pool_of(variant).fingerprint
         content.update(split=dataclasses.asdict(split), model=self.model_dir.name)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -300,10 +318,22 @@ ROUTE_SWEPT = ("features", "temperature", "step")
 
 
 def base_variants(pool: AdapterPool) -> list[Variant]:
+    return [Variant("base model", "base"), *adapter_variants(pool)]
+
+
+def adapter_variants(pool: AdapterPool, name: str = DEFAULT_POOL) -> list[Variant]:
+    """Each adapter of the pool `name` alone."""
     return [
-        Variant("base model", "base"),
-        *(Variant(f"adapter {name} alone", "adapter", adapter=name) for name in pool.names),
+        in_pool(Variant(f"adapter {adapter} alone", "adapter", adapter=adapter), name)
+        for adapter in pool.names
     ]
+
+
+def in_pool(variant: Variant, pool: str) -> Variant:
+    """`variant` on the adapters of the pool `pool` (labelled "<pool>: …" unless default)."""
+    if pool == DEFAULT_POOL:
+        return variant
+    return dataclasses.replace(variant, label=f"{pool}: {variant.label}", pool=pool)
 
 
 def merge_variants() -> list[Variant]:
@@ -375,6 +405,8 @@ class Row:
     rank: int | None = None  # merges: the merged rank
     retained_energy: float | None = None  # merges: worst module's ‖ΔW‖² share kept by truncation
     served: tuple[int, int] | None = None  # (vLLM answers equal to the folded model's, items)
+    normalised_own: float | None = None
+    """Other pools: normalised by that pool's own adapters instead of the default ones."""
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -460,19 +492,25 @@ class Table:
     adapters: tuple[Row, ...]
     merges: tuple[Row, ...]
     tuned: tuple[Row, ...]
+    pool_adapters: tuple[Row, ...] = ()  # the adapters of the other pools, each alone
 
     def best(self) -> Row:
         return max((*self.merges, *self.tuned), key=lambda row: row.normalised)
 
     @property
     def rows(self) -> tuple[Row, ...]:
-        return (self.base, *self.adapters, *self.merges, *self.tuned)
+        return (self.base, *self.adapters, *self.pool_adapters, *self.merges, *self.tuned)
+
+    @property
+    def has_pools(self) -> bool:
+        return any(row.variant.pool != DEFAULT_POOL for row in self.rows)
 
     def replace_rows(self, change: Callable[[Row], Row]) -> Table:
         return dataclasses.replace(
             self,
             base=change(self.base),
             adapters=tuple(map(change, self.adapters)),
+            pool_adapters=tuple(map(change, self.pool_adapters)),
             merges=tuple(map(change, self.merges)),
             tuned=tuple(map(change, self.tuned)),
         )
@@ -486,13 +524,29 @@ def build_table(
     tuned: Iterable[Variant] = (),
 ) -> Table:
     """Score everything: own adapters and base on both splits, each merge's candidates on
-    validation (the best by normalised accuracy wins; the default on ties), the winner on test."""
+    validation (the best by normalised accuracy wins; the default on ties), the winner on test.
+
+    Merges of another pool (`Variant.pool`) are normalised by the DEFAULT adapters' own
+    accuracy too (the user's reference; their parameters are chosen by it) and, in
+    `Row.normalised_own`, by their own pool's adapters; that pool's adapters get rows alone."""
+    merges = list(merges)
     fixed = base_variants(scorer.pool)
     on_validation = {v.label: scorer.score(v, validation) for v in fixed}
     on_test = {v.label: scorer.score(v, test) for v in fixed}
     own_validation = {t: on_validation[f"adapter {t} alone"] for t in scorer.pool.names}
     own_test = {t: on_test[f"adapter {t} alone"] for t in scorer.pool.names}
     base = on_test["base model"]
+    pool_tests: dict[str, dict[str, Scores]] = {DEFAULT_POOL: own_test}
+    pool_rows = []
+    for name in dict.fromkeys(v.pool for v in merges if v.pool != DEFAULT_POOL):
+        alone = {
+            v.adapter: scorer.score(v, test) for v in adapter_variants(scorer.pools[name], name)
+        }
+        pool_tests[name] = {str(t): scores for t, scores in alone.items()}
+        for scores in alone.values():
+            row = make_row(scores, own_test, base)
+            own = normalised(scores, pool_tests[name])
+            pool_rows.append(dataclasses.replace(row, normalised_own=own))
 
     merge_rows = []
     for variant in merges:
@@ -501,8 +555,9 @@ def build_table(
             value = normalised(scorer.score(candidate, validation), own_validation)
             tried.append((candidate, value))
         chosen, value = max(tried, key=lambda pair: pair[1])  # first (default) wins ties
+        on_test_split = scorer.score(chosen, test)
         row = make_row(
-            scorer.score(chosen, test),
+            on_test_split,
             own_test,
             base,
             validation=value,
@@ -511,9 +566,15 @@ def build_table(
         if chosen.source == "routed":  # one merge per route: no single rank
             merge_rows.append(row)
             continue
-        report = merge(scorer.pool, chosen.preference(scorer.pool), chosen.spec()).report
+        pool = scorer.pool_of(chosen)
+        report = merge(pool, chosen.preference(pool), chosen.spec()).report
         merge_rows.append(
-            dataclasses.replace(row, rank=report.rank, retained_energy=report.retained_energy_min)
+            dataclasses.replace(
+                row,
+                rank=report.rank,
+                retained_energy=report.retained_energy_min,
+                normalised_own=normalised(on_test_split, pool_tests[chosen.pool]),
+            )
         )
     tuned_rows = [make_row(scorer.score(v, test), own_test, base) for v in tuned]
     return Table(
@@ -523,6 +584,7 @@ def build_table(
         adapters=tuple(make_row(on_test[v.label], own_test, base) for v in fixed[1:]),
         merges=tuple(merge_rows),
         tuned=tuple(tuned_rows),
+        pool_adapters=tuple(pool_rows),
     )
 
 

@@ -15,13 +15,16 @@ def _percent(value: float) -> str:
     return f"{100 * value:.0f}"
 
 
-def _row(row: Row, tasks: list[str], how: str) -> str:
+def _row(row: Row, tasks: list[str], how: str, pools: bool = False) -> str:
     cells = [row.variant.label]
     for task in tasks:
         low, high = row.interval[task]
         cells.append(f"{_percent(row.accuracy[task])} [{_percent(low)}–{_percent(high)}]")
     low, high = row.normalised_interval
     cells.append(f"**{row.normalised:.2f}** [{low:.2f}–{high:.2f}]")
+    if pools:
+        own = row.normalised if row.normalised_own is None else row.normalised_own
+        cells.append(f"{own:.2f}")
     cells.append(f"{row.gain_share:.2f}")
     rank = "" if row.rank is None else str(row.rank)
     if row.retained_energy is not None and row.retained_energy < 0.9995:
@@ -45,13 +48,23 @@ def _chosen(row: Row) -> str:
 def markdown(table: Table) -> str:
     """The generated part of docs/quality.md: the table and how it was made."""
     tasks = list(table.base.accuracy)
+    pools = table.has_pools
     header = (
         "| variant | "
         + " | ".join(f"{t} % [95%]" for t in tasks)
-        + " | normalised [95%] | gain share | rank | vLLM = folded | parameters (chosen on "
-        "validation) |"
+        + " | normalised [95%] | "
+        + ("normalised to own pool | " if pools else "")
+        + "gain share | rank | vLLM = folded | parameters (chosen on validation) |"
     )
-    rule = "|" + "---|" * (len(tasks) + 6)
+    rule = "|" + "---|" * (len(tasks) + 6 + pools)
+    about_pools = (
+        ' Rows "<pool>: …" merge (or show alone) the adapters of another pool of the same '
+        'tasks; "normalised" divides by the DEFAULT adapters\' own accuracy (the reference, '
+        'also for choosing their parameters), "normalised to own pool" by that pool\'s '
+        "adapters' own accuracy."
+        if pools
+        else ""
+    )
     lines = [
         BEGIN,
         f"Test split: seed {table.test.seed}, n = {table.test.n} per task; parameters chosen on "
@@ -60,14 +73,15 @@ def markdown(table: Table) -> str:
         "greedy answers; intervals are Wilson (per task) and a paired bootstrap (normalised). "
         "Rank: the merged adapter's (and the share of ‖ΔW‖² the worst module keeps where a "
         "truncation drops some). vLLM = folded: of the first test items of each task, how many "
-        "greedy answers vLLM serving the variant's adapter gives exactly as the folded model.",
+        "greedy answers vLLM serving the variant's adapter gives exactly as the folded model."
+        + about_pools,
         "",
         header,
         rule,
-        _row(table.base, tasks, "—"),
-        *(_row(row, tasks, "—") for row in table.adapters),
-        *(_row(row, tasks, _chosen(row)) for row in table.merges),
-        *(_row(row, tasks, row.variant.path or "") for row in table.tuned),
+        _row(table.base, tasks, "—", pools),
+        *(_row(row, tasks, "—", pools) for row in (*table.adapters, *table.pool_adapters)),
+        *(_row(row, tasks, _chosen(row), pools) for row in table.merges),
+        *(_row(row, tasks, row.variant.path or "", pools) for row in table.tuned),
         "",
         f"Best: **{table.best().variant.label}**, normalised {table.best().normalised:.2f}.",
         END,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,9 +90,16 @@ def _load_base(model_dir: Path) -> PreTrainedModel:
 
 
 def _train(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, out: Path
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    out: Path,
+    lora_a: Mapping[str, torch.Tensor] | None = None,
 ) -> float:
-    """Train a fresh LoRA for `task` on `model`, save it into `out` and return the last loss."""
+    """Train a fresh LoRA for `task` on `model`, save it into `out` and return the last loss.
+
+    `lora_a` (PEFT module key → [r, in]) replaces PEFT's random A-initialisation of every
+    adapted module (B starts at zero either way); A and B both train (OSRM's init)."""
     torch.manual_seed(zlib.crc32(task.name.encode()))  # adapters must not share their init
     config = LoraConfig(
         r=RECIPE.rank,
@@ -103,6 +110,8 @@ def _train(
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
+    if lora_a is not None:
+        _initialise_a(peft_model, lora_a)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=RECIPE.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -120,6 +129,35 @@ def _train(
         optimizer.zero_grad(set_to_none=True)
     peft_model.save_pretrained(str(out))
     return loss.item()
+
+
+def _initialise_a(peft_model: torch.nn.Module, lora_a: Mapping[str, torch.Tensor]) -> None:
+    """Copy `lora_a` into the fresh adapter's A factors; every adapted module needs one of the
+    adapter's shape."""
+    suffix = ".lora_A.default.weight"
+    parameters = {
+        name.removesuffix(suffix): p
+        for name, p in peft_model.named_parameters()
+        if name.endswith(suffix)
+    }
+    missing = sorted(set(parameters) - set(lora_a))
+    unknown = sorted(set(lora_a) - set(parameters))
+    if missing or unknown:
+        example = (missing or unknown)[0]
+        raise ValueError(
+            f"the A-initialisation covers {len(lora_a)} modules, the adapter has "
+            f"{len(parameters)}: {len(missing)} missing and {len(unknown)} unknown, e.g. "
+            f"{example!r}"
+        )
+    with torch.no_grad():
+        for key, parameter in parameters.items():
+            value = lora_a[key]
+            if tuple(value.shape) != tuple(parameter.shape):
+                raise ValueError(
+                    f"A-initialisation of {key!r} has shape {tuple(value.shape)}, the adapter's "
+                    f"A has {tuple(parameter.shape)}"
+                )
+            parameter.copy_(value.to(parameter.dtype))
 
 
 def _learning_rate_factor(step: int, steps: int) -> float:

@@ -101,3 +101,15 @@ def write_statistics(directory: Path, seed: int, layers: int = LAYERS, tokens: i
             site_of[f"base_model.model.model.layers.{layer}.self_attn.{kind}"] = layer
     statistics = statistics_from_sums(site_of, outer_sums, sums, tokens=tokens, prompts=tokens // 8)
     return save_statistics(statistics, directory)
+
+
+def tiny_llama() -> torch.nn.Module:
+    """A random Llama whose q_proj is 24×24 and v_proj 8×24, like the test adapters."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=24, intermediate_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=3, num_key_value_heads=1, head_dim=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)

@@ -207,3 +207,20 @@ def regmean(
     total = total + 1e-6 * torch.diag(total).mean() * torch.eye(total.shape[0], dtype=total.dtype)
     numerator = sum(r * t @ g for r, t, g in zip(rho, taus, shrunk, strict=True))
     return scaling * numerator @ torch.linalg.inv(total)
+
+
+def osrm_init(features: list[Tensor], rank: int) -> Tensor:
+    """OSRM's A-init (Zhang et al. 2025, Eq. 2–3): H stacks the feature rows [k_j, in] of the
+    other tasks; Ã = the `rank` eigenvectors of S = HᵀH / (k − 1) with the smallest eigenvalues,
+    as rows. → [rank, in]"""
+    h = torch.cat(features)
+    s = h.T @ h / (h.shape[0] - 1)
+    _, vectors = torch.linalg.eigh(s)
+    return vectors[:, :rank].T
+
+
+def osrm_project(delta: Tensor, a_tilde: Tensor) -> Tensor:
+    """OSRM on an existing update (§5.4): B̂ = argmin_B ‖B Ã − ΔW‖_F (least squares),
+    ΔŴ = B̂ Ã. → [out, in]"""
+    b_hat = torch.linalg.lstsq(a_tilde.T, delta.T).solution.T  # solves Ãᵀ B̂ᵀ = ΔWᵀ
+    return b_hat @ a_tilde

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import delta
+from factories import tiny_llama
 from loramerge.merge_engine import (
     AdapterPool,
     ExportError,
@@ -18,18 +19,6 @@ from loramerge.merge_engine import (
     merge,
     save_adapter,
 )
-
-
-def tiny_llama() -> torch.nn.Module:
-    """A random Llama whose q_proj is 24×24 and v_proj 8×24, like the test adapters."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=32, hidden_size=24, intermediate_size=32, num_hidden_layers=3,
-        num_attention_heads=3, num_key_value_heads=1, head_dim=8,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
 
 
 def test_roundtrip_folds_the_scale(pool3: AdapterPool, tmp_path: Path) -> None:
