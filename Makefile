@@ -101,21 +101,30 @@ bench: install
 bench-scale: install
 	$(PY) benchmarks/tenant_scale.py $(ARGS)
 
-# The merge-quality table (docs/quality.md + docs/quality.png): distil a merge, then score every
-# method, the tuned adapter, the base model and each adapter; the pool-size sweep; a vLLM
-# cross-check per variant; the Pico §3 diagnostics of the default adapters. Cached per variant:
-# reruns are incremental. Not part of `make test` (about an hour of CPU here, cold).
-QUALITY_DIR ?= $(HOME)/.cache/loramerge/quality
-ADAPTERS = $(HOME)/.cache/loramerge/adapters
+# The merge-quality table (docs/quality.md + docs/quality.png): the OSRM pools (trained from
+# OSRM's init, and the default pool projected), the tuned rows (regmean + distill, TARA φ), then
+# every method on each pool, the routed rows, the base model and each adapter; the pool-size
+# sweep; a vLLM cross-check per variant; the Pico §3 diagnostics of the default adapters. Cached
+# per variant: reruns are incremental. Not part of `make test` (about an hour of CPU here, cold).
+CACHE_DIR ?= $(HOME)/.cache/loramerge
+QUALITY_DIR ?= $(CACHE_DIR)/quality
+ADAPTERS = $(CACHE_DIR)/adapters
+TASK_ADAPTERS = $(foreach t,add caesar date reverse,--adapter $(t)=$(ADAPTERS)/$(t))
 quality: install
-	$(VENV)/bin/loramerge prepare
+	$(VENV)/bin/loramerge prepare --osrm
+	test -d $(QUALITY_DIR)/osrm-projected || $(VENV)/bin/loramerge osrm project $(TASK_ADAPTERS) \
+		--stats --out $(QUALITY_DIR)/osrm-projected
 	test -d $(QUALITY_DIR)/tuned/distill-regmean || $(VENV)/bin/loramerge tune --task-prompts 64 \
 		--method regmean --no-pico --steps 150 --out $(QUALITY_DIR)/tuned/distill-regmean
-	$(VENV)/bin/loramerge eval --n 100 --validation-n 100 --sweep 40 --check-vllm 2 \
+	test -d $(QUALITY_DIR)/tuned/tara-entropy || $(VENV)/bin/loramerge tune --task-prompts 64 \
+		--objective entropy --method tara --steps 200 --out $(QUALITY_DIR)/tuned/tara-entropy
+	$(VENV)/bin/loramerge eval --n 100 --validation-n 100 --sweep 40 --check-vllm 2 --routed \
+		--pool osrm=$(CACHE_DIR)/adapters-osrm --pool osrm-projected=$(QUALITY_DIR)/osrm-projected \
 		--results $(QUALITY_DIR)/results --json $(QUALITY_DIR)/table.json \
-		--tuned "regmean + distill=$(QUALITY_DIR)/tuned/distill-regmean"
-	$(VENV)/bin/loramerge diagnose $(foreach t,add caesar date reverse,--adapter $(t)=$(ADAPTERS)/$(t)) \
-		--plot docs/quality_diagnostics > $(QUALITY_DIR)/diagnostics.json
+		--tuned "regmean + distill=$(QUALITY_DIR)/tuned/distill-regmean" \
+		--tuned "tara + entropy φ=$(QUALITY_DIR)/tuned/tara-entropy"
+	$(VENV)/bin/loramerge diagnose $(TASK_ADAPTERS) --plot docs/quality_diagnostics \
+		> $(QUALITY_DIR)/diagnostics.json
 
 clean:
 	rm -rf $(VENV) proto/loramerge/v1/*_pb2*.py* $(STUBS)

@@ -38,10 +38,33 @@ class RegMeanParams(MethodParams):
         check_fraction("off_diagonal", self.off_diagonal, low_open=False, high_open=False)
 
 
-def shrunk(moments: torch.Tensor, off_diagonal: float) -> torch.Tensor:
-    """α G + (1 − α) diag(G) for a batch of Gram matrices [G, in, in]."""
-    diagonal = torch.diagonal(moments, dim1=-2, dim2=-1)
-    return off_diagonal * moments + (1.0 - off_diagonal) * torch.diag_embed(diagonal)
+def merged_gram(
+    moments: tuple[torch.Tensor, ...], rho: torch.Tensor, off_diagonal: float
+) -> torch.Tensor:
+    """M = Σ_t ρ_t G̃_t + εI for per-task Gram stacks [G, in, in], in one new tensor.
+
+    Σ_t ρ_t G̃_t = α S + (1 − α) diag(S) with S = Σ_t ρ_t G_t: S's off-diagonal entries times α,
+    its diagonal kept. Accumulated in place (no per-task temporaries: these stacks are the
+    merge's largest tensors, and allocating them costs more than the arithmetic).
+    """
+    weights = rho.tolist()
+    total = moments[0] * weights[0]
+    for weight, moment in zip(weights[1:], moments[1:], strict=True):
+        total.add_(moment, alpha=weight)
+    diagonal = torch.diagonal(total, dim1=-2, dim2=-1)
+    kept = diagonal.clone()
+    total.mul_(off_diagonal)
+    ridge = (RIDGE * kept.mean(-1)).clamp_min(1e-12)
+    diagonal.copy_(kept + ridge[:, None])
+    return total
+
+
+def shrunk_times(moment: torch.Tensor, a: torch.Tensor, off_diagonal: float) -> torch.Tensor:
+    """G̃ Aᵀ = α G Aᵀ + (1 − α) diag(G) Aᵀ for G [G, in, in] and A [G, r, in]: [G, in, r]."""
+    diagonal = torch.diagonal(moment, dim1=-2, dim2=-1)
+    return torch.baddbmm(
+        (1.0 - off_diagonal) * diagonal[:, :, None] * a.mT, moment, a.mT, alpha=off_diagonal
+    )
 
 
 class RegMean(MergeMethod[RegMeanParams]):
@@ -60,17 +83,15 @@ class RegMean(MergeMethod[RegMeanParams]):
         scaling = params.resolved_scaling(1.0)
         if tasks.count == 1:  # the regression solution is the adapter itself (ε only guards)
             return LowRank.exact(tasks.b[0], scaling * tasks.a[0])
-        grams = [shrunk(m, params.off_diagonal) for m in tasks.moments]
-        total = sum(
-            (w * g for w, g in zip(tasks.rho, grams, strict=True)), torch.zeros_like(grams[0])
-        )
-        size = total.shape[-1]
-        ridge = (RIDGE * torch.diagonal(total, dim1=-2, dim2=-1).mean(-1)).clamp_min(1e-12)
-        total = total + ridge[:, None, None] * torch.eye(
-            size, dtype=total.dtype, device=total.device
-        )
+        total = merged_gram(tasks.moments, tasks.rho, params.off_diagonal)
         # A_t' = λ ρ_t A_t G̃_t M⁻¹ = λ ρ_t (M⁻¹ G̃_t A_tᵀ)ᵀ (M and G̃_t are symmetric)
-        rhs = torch.cat([g @ a.mT for g, a in zip(grams, tasks.a, strict=True)], dim=-1)
+        rhs = torch.cat(
+            [
+                shrunk_times(m, a, params.off_diagonal)
+                for m, a in zip(tasks.moments, tasks.a, strict=True)
+            ],
+            dim=-1,
+        )
         factor, failed = torch.linalg.cholesky_ex(total)  # M is symmetric positive definite
         if bool(failed.any()):  # only if rounding broke definiteness: the general solver
             solved = torch.linalg.solve(total, rhs).mT  # [G, R, in]

@@ -28,11 +28,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from loramerge.merge_engine import AdapterPool, LoraModule, MergeResult, MergeSpec, merge
 
-from .evaluate import generate_answers, left_padded_tokenizer, load_model
+from ..engine import native_bfloat16
+from .evaluate import generate_answers, left_padded_tokenizer
 from .folded import PEFT_PREFIX
 from .forced import encode, target_logits
 
@@ -200,6 +201,24 @@ def distill_loss(
     return (cross - entropy).mean()
 
 
+def training_dtype() -> torch.dtype:
+    """bfloat16 where the hardware computes it natively (as the engine serves), else float32."""
+    return torch.bfloat16 if native_bfloat16() else torch.float32
+
+
+def load_training_model(model_dir: Path, dtype: torch.dtype | None = None) -> LlamaForCausalLM:
+    """The base model (in `dtype`, default `training_dtype()`) with eager attention, frozen
+    (only the LoRA path trains). Eager attention: for these short sequences its backward is
+    faster on the CPU than SDPA's (bfloat16 0.96 vs 1.35 s per step of 16 prompts)."""
+    model = LlamaForCausalLM.from_pretrained(
+        model_dir, dtype=dtype or training_dtype(), attn_implementation="eager"
+    )
+    model.train(False)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
 def distill(
     model_dir: Path,
     pool: AdapterPool,
@@ -221,9 +240,7 @@ def distill(
     rho = dict(merged.report.preference)
     active = [name for name in pool.names if rho[name] > 0]
     teachers = [pool.adapter(name).modules for name in active]
-    model = load_model(model_dir, None, torch.bfloat16)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    model = load_training_model(model_dir)
     hooks = LoraHooks(model, pool.module_names)
     try:
         targets = build_targets(

@@ -41,8 +41,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from loramerge.merge_engine import AdapterPool, LoraModule, MergeResult, MergeSpec, TaraPhi, merge
 from loramerge.merge_engine.methods.tara import SharedBasis, combine, shared_bases
 
-from ..engine import native_bfloat16
-from .distill import ANSWER_TOKENS, LoraHooks
+from .distill import ANSWER_TOKENS, LoraHooks, load_training_model
 from .evaluate import generate_answers, left_padded_tokenizer
 from .forced import Encoded, encode, target_logits
 
@@ -280,23 +279,6 @@ def entropy_gaps(
         mask = task == t
         gaps.append((merged[mask] - own[mask]).mean() if bool(mask.any()) else merged.new_zeros(()))
     return torch.stack(gaps)
-
-
-def training_dtype() -> torch.dtype:
-    """bfloat16 where the hardware computes it natively (as the engine serves), else float32."""
-    return torch.bfloat16 if native_bfloat16() else torch.float32
-
-
-def load_training_model(model_dir: Path, dtype: torch.dtype | None = None) -> LlamaForCausalLM:
-    """The base model (in `dtype`, default `training_dtype()`) with eager attention, frozen
-    (only φ trains)."""
-    model = LlamaForCausalLM.from_pretrained(
-        model_dir, dtype=dtype or training_dtype(), attn_implementation="eager"
-    )
-    model.train(False)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model
 
 
 def tune(
