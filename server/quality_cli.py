@@ -38,13 +38,17 @@ def add_parser(commands: Any) -> None:
     )  # fmt: skip
     evaluate.add_argument(
         "--routed", action="store_true",
-        help="also score the per-request router rows (router + ta, router + tsvm + pico; "
+        help="also score the per-request router rows (router + ta, router + regmean; "
         "`--methods router` selects them alone, `--methods 'router + ta'` one)",
     )  # fmt: skip
     evaluate.add_argument(
         "--pool", action="append", default=[], metavar="NAME=DIR",
         help="also score the chosen methods on another pool of the default tasks (DIR holds "
         "one adapter folder per task, e.g. <cache>/adapters-osrm)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--pool-methods", nargs="*", default=["ta", "ties", "tsvm", "regmean"], metavar="ROW",
+        help="the rows (each with its + pico and + svc variants) scored on the --pool pools",
     )  # fmt: skip
     evaluate.add_argument("--results", type=Path, help="cache of per-variant results")
     evaluate.add_argument("--doc", type=Path, default=Path("docs/quality.md"))
@@ -168,7 +172,10 @@ def _eval(args: argparse.Namespace) -> int:
     if args.methods:
         wanted = set(args.methods)
         variants = [v for v in variants if {v.label.split(" + ")[0], v.label} & wanted]
-    variants += [in_pool(v, name) for name in pools for v in variants if v.source != "routed"]
+    on_pools = [
+        v for v in variants if v.source != "routed" and v.label.split(" + ")[0] in args.pool_methods
+    ]
+    variants += [in_pool(v, name) for name in pools for v in on_pools]
     tuned = []
     for item in args.tuned:
         label, _, path = item.partition("=")

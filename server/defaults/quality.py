@@ -312,8 +312,8 @@ OFF_DIAGONAL_GRID = (0.3, 0.5, 0.7, 0.9, 1.0)  # regmean α
 _SUMMING = {"ta", "dare_linear", "tsvm"}
 # The router's grid (routed variants): features, temperature (0: the nearest adapter), step.
 ROUTE_FEATURES = ("embedding", "ngram")
-ROUTE_TEMPERATURES = (0.05, 0.0, 0.02, 0.1, 0.2)
-ROUTE_STEPS = (0.1, 0.05, 0.25)
+ROUTE_TEMPERATURES = (0.05, 0.0, 0.1)
+ROUTE_STEPS = (0.1,)  # the router's default; finer steps only add merges here
 ROUTE_SWEPT = ("features", "temperature", "step")
 
 
@@ -350,12 +350,11 @@ def merge_variants() -> list[Variant]:
 
 def routed_variants() -> list[Variant]:
     """The router rows: per-request preferences from the prompt (server/router.py), merged
-    with TA, TSV-M + Pico and RegMean at their defaults (docs/router.md)."""
+    with TA and RegMean at their defaults (docs/router.md)."""
     from .routed import DEFAULT_ROUTE
 
     return [
         Variant("router + ta", "routed", method="ta", route=DEFAULT_ROUTE),
-        Variant("router + tsvm + pico", "routed", method="tsvm", pico=True, route=DEFAULT_ROUTE),
         Variant("router + regmean", "routed", method="regmean", route=DEFAULT_ROUTE),
     ]
 
