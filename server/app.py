@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -117,8 +116,6 @@ def build_residency(
     """The serving core: merge memory → merge worker → version builder → residency."""
     merge = settings.merge
     device = resolve_device(merge.device)
-    if device.type == "cpu" and merge.cpu_threads:
-        torch.set_num_threads(merge.cpu_threads)
     memory = MergeMemory(
         CalibrationCache(merge.calibration_cache_size),
         metrics,

@@ -130,13 +130,6 @@ class MergeSettings(_Section):
     fallback_pico: bool = Field(True, description="Pico calibration of the fallback method.")
     device: str = Field("auto", description="Merge device: auto (CUDA if present), cpu, cuda.")
     dtype: Literal["float32", "float64"] = Field("float32", description="Merge precision.")
-    cpu_threads: int = Field(
-        1,
-        ge=0,
-        description="Threads of a merge on the CPU (torch's intra-op threads in the server "
-        "process; 0: torch's default, every core). One leaves the other cores to a vLLM engine "
-        "on the same CPU, which decodes while merges run.",
-    )
     preference_step: float = Field(
         0.01,
         gt=0,
