@@ -47,7 +47,7 @@ def merged_gram(
     its diagonal kept. Accumulated in place (no per-task temporaries: these stacks are the
     merge's largest tensors, and allocating them costs more than the arithmetic).
     """
-    weights = rho.tolist()
+    weights: list[float] = rho.tolist()
     total = moments[0] * weights[0]
     for weight, moment in zip(weights[1:], moments[1:], strict=True):
         total.add_(moment, alpha=weight)
