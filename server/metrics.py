@@ -74,6 +74,11 @@ class Metrics:
             "Merged adapter versions loaded in the engine.",
             registry=registry,
         )
+        self.parked_adapters = Gauge(
+            "loramerge_parked_adapters",
+            "Merged adapter versions evicted from the engine whose files are kept for a reload.",
+            registry=registry,
+        )
         self.resident_capacity = Gauge(
             "loramerge_resident_adapters_capacity",
             "Merged adapter versions that may be loaded in the engine at once.",

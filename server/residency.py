@@ -177,6 +177,7 @@ class Residency:
         self._versions.clear()
         self._parked.clear()
         self._metrics.resident_adapters.set(0)
+        self._metrics.parked_adapters.set(0)
         self._metrics.export_dir_bytes.set(0)
 
     # --- building -----------------------------------------------------------------------
@@ -389,6 +390,7 @@ class Residency:
 
     def _report(self) -> None:
         self._metrics.resident_adapters.set(len(self._versions))
+        self._metrics.parked_adapters.set(len(self._parked))
         on_disk = [*self._versions.values(), *self._parked.values()]
         self._metrics.export_dir_bytes.set(sum(v.nbytes for v in on_disk))
 

@@ -219,7 +219,7 @@ def test_inline_preferences_need_a_key_that_allows_them(server: ServerProcess) -
 
 def test_a_revoked_key_is_refused_at_once(server: ServerProcess) -> None:
     key = create_key(server.workdir / "config.yaml", "--tenant", OWN)
-    path, request, response = EVERY_RPC[6]  # ListAdapters
+    path, request, response = next(rpc for rpc in EVERY_RPC if rpc[0].endswith("/ListAdapters"))
     with server.channel(key=key) as channel:
         assert code_of(channel, path, request, response) == grpc.StatusCode.OK
         subprocess.run(

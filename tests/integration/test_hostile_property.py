@@ -50,6 +50,7 @@ HOSTILE_TEXT = [
     *("/dev/zero", "ta", "ties", "knots", "total", "magic", "%s%n", "\ud7ff"),
 ]
 NUMBERS = [math.nan, math.inf, -math.inf, -1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 1e38, 1e308, -1e-300]
+FLOATS = [math.nan, math.inf, -math.inf, -1.0, 0.0, 0.5, 1000.0, 1001.0, 3e38, -1e-45]
 UINTS = [0, 1, 2, 63, 64, 1000, 1001, 2**31, 2**32 - 1]
 ULONGS = [*UINTS, 2**63 - 1, 2**63, 2**64 - 1]
 
@@ -90,6 +91,8 @@ def value(field: FieldDescriptor, pool: list[str], rpc: str, depth: int) -> st.S
         return text()
     if kind == FieldDescriptor.TYPE_DOUBLE:
         return st.sampled_from(NUMBERS) | st.floats(allow_nan=True)
+    if kind == FieldDescriptor.TYPE_FLOAT:
+        return st.sampled_from(FLOATS) | st.floats(width=32, allow_nan=True)
     if kind == FieldDescriptor.TYPE_BOOL:
         return st.booleans()
     if kind == FieldDescriptor.TYPE_UINT32:

@@ -11,6 +11,7 @@ import pytest
 from loramerge.merge_engine import load_adapter
 from loramerge.server.cli import main
 from loramerge.server.defaults import DefaultAssets
+from loramerge.server.defaults.quality import ROUTE_FEATURES, ROUTE_STEPS, ROUTE_TEMPERATURES
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +73,8 @@ def test_eval_scores_the_router_rows_request_by_request(
     rows = {row["label"]: row for row in json.loads(table.read_text())["rows"]}
     assert "router + ta" in rows and "router + regmean" not in rows
     routed = rows["router + ta"]
-    assert len(routed["tried"]) == 30  # features × temperature × step, on validation
+    grid = len(ROUTE_FEATURES) * len(ROUTE_TEMPERATURES) * len(ROUTE_STEPS)
+    assert len(routed["tried"]) == grid  # every point of the router's grid, on validation
     for task, accuracy in routed["accuracy"].items():
         assert accuracy == rows[f"adapter {task} alone"]["accuracy"][task]
 
