@@ -118,7 +118,7 @@ quality: install
 		--method regmean --no-pico --steps 150 --out $(QUALITY_DIR)/tuned/distill-regmean
 	test -d $(QUALITY_DIR)/tuned/tara-entropy || $(VENV)/bin/loramerge tune --task-prompts 64 \
 		--objective entropy --method tara --steps 200 --out $(QUALITY_DIR)/tuned/tara-entropy
-	$(VENV)/bin/loramerge eval --n 100 --validation-n 100 --sweep 40 --check-vllm 2 --routed \
+	$(VENV)/bin/loramerge eval --n 100 --validation-n 40 --sweep 40 --check-vllm 1 --routed \
 		--pool osrm=$(CACHE_DIR)/adapters-osrm --pool osrm-projected=$(QUALITY_DIR)/osrm-projected \
 		--results $(QUALITY_DIR)/results --json $(QUALITY_DIR)/table.json \
 		--tuned "regmean + distill=$(QUALITY_DIR)/tuned/distill-regmean" \

@@ -93,6 +93,8 @@ def value(field: FieldDescriptor, pool: list[str], rpc: str, depth: int) -> st.S
         return st.sampled_from(NUMBERS) | st.floats(allow_nan=True)
     if kind == FieldDescriptor.TYPE_FLOAT:
         return st.sampled_from(FLOATS) | st.floats(width=32, allow_nan=True)
+    if kind == FieldDescriptor.TYPE_ENUM:  # open enums: unknown numbers arrive too
+        return st.sampled_from([*(v.number for v in field.enum_type.values), 99, -1])
     if kind == FieldDescriptor.TYPE_BOOL:
         return st.booleans()
     if kind == FieldDescriptor.TYPE_UINT32:
