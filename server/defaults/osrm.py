@@ -61,6 +61,7 @@ def ensure_osrm_adapters(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     for task in missing:
         started = time.monotonic()
+        emit(f"OSRM init of {task.name}: the other tasks' input statistics, per module ...")
         basis = osrm_basis(statistics, task.name, ranks, features=features, weighting=weighting)
         emit(f"training OSRM adapter {task.name} ({task.train_steps} steps) ...")
         with build_atomically(folders[task.name]) as staging:

@@ -7,6 +7,7 @@ bit-identical adapter files on the same machine. The loss covers only the answer
 
 from __future__ import annotations
 
+import sys
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from tqdm import tqdm
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -120,7 +122,8 @@ def _train(
     examples = task.examples(TRAIN_SEED, task.train_steps * RECIPE.batch_size)
     loss = torch.zeros(())
     peft_model.train()
-    for step in range(task.train_steps):
+    steps = tqdm(range(task.train_steps), desc=task.name, unit="step", file=sys.stderr, leave=False)
+    for step in steps:
         batch = examples[step * RECIPE.batch_size : (step + 1) * RECIPE.batch_size]
         loss = _answer_loss(model, *_encode(tokenizer, batch))
         loss.backward()  # type: ignore[no-untyped-call]
