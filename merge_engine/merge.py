@@ -16,11 +16,18 @@ from .adapter import LoraModule
 from .device import resolve_device, resolve_dtype
 from .errors import InvalidParameterError
 from .linalg import LowRank, compact, frobenius_sq, pad_rank
-from .methods.base import MethodParams, TaskSet, check_finite, check_positive_int
+from .methods.base import (
+    MethodParams,
+    SiteMoments,
+    TaskSet,
+    TaskStatistics,
+    check_finite,
+    check_positive_int,
+)
 from .methods.registry import METHODS
 from .methods.tara import TaraPhi, basis_size, check_phi, stack_phi
 from .pico import CalibrationCache, compensation
-from .pool import AdapterPool
+from .pool import AdapterPool, GroupStatistics
 from .preference import normalize_preference
 from .svc import svc
 
@@ -144,6 +151,22 @@ def phi_sizes(pool: AdapterPool, active: tuple[int, ...]) -> dict[str, int]:
     return sizes
 
 
+def task_statistics(
+    stacks: tuple[GroupStatistics, ...], active: tuple[int, ...]
+) -> tuple[TaskStatistics, ...]:
+    """Per module group, the statistics of the adapters `active` (pool indices). Groups that
+    share the pool's site stack share one `SiteMoments`: per-site work is done once a merge."""
+    shared: dict[int, SiteMoments] = {}
+    out = []
+    for group in stacks:
+        if id(group.moments) not in shared:
+            shared[id(group.moments)] = SiteMoments(tuple(group.moments[i] for i in active))
+        products = tuple(group.products[i] for i in active)
+        sites = shared[id(group.moments)]
+        out.append(TaskStatistics(sites, group.sites, group.in_order, products))
+    return tuple(out)
+
+
 def merge(
     pool: AdapterPool,
     preference: Mapping[str, float],
@@ -170,7 +193,11 @@ def merge(
     start = time.perf_counter()
 
     groups = pool.groups(device, dtype)
-    moments = pool.moments(device, dtype, active) if method.needs_statistics else None
+    statistics = (
+        task_statistics(pool.statistics(device, dtype, active), active)
+        if method.needs_statistics
+        else None
+    )
     if spec.phi is not None:
         check_phi(spec.phi, [pool.names[i] for i in active], phi_sizes(pool, active))
     hit: bool | None = None
@@ -189,7 +216,7 @@ def merge(
             b=calibrations[index].lora_b if spec.pico else tuple(group.lora_b[i] for i in active),
             a=tuple(group.scaled_a[i] for i in active),
             rho=rho_active,
-            moments=None if moments is None else tuple(moments[index][i] for i in active),
+            statistics=None if statistics is None else statistics[index],
             phi=None if spec.phi is None else stack_phi(spec.phi, group.modules).to(device, dtype),
         )
         target_rank = min(spec.rank or tasks.total_rank, tasks.out_features, tasks.in_features)

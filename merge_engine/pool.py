@@ -54,9 +54,31 @@ class ModuleGroup:
         return tensor_bytes(*self.lora_b, *self.lora_a, *self.scaled_a, self.scales, self.norms)
 
 
+@dataclass(frozen=True)
+class GroupStatistics:
+    """The adapters' input statistics for one module group, stacked once per input site.
+
+    Modules that read the same input (q_proj and v_proj of one layer) share a site, within a
+    group and across the groups of one input width, which share one `moments` stack. For adapter
+    i, E[x xᵀ] of module g's input is `moments[i][sites[g]]`, and `products[i][g]` is that moment
+    times the module's scaled Aᵀ (no preference enters it, so it is computed with the stack). An
+    adapter without statistics has empty tensors.
+    """
+
+    sites: torch.Tensor  # [G] long: each module's row in `moments`
+    in_order: bool  # sites == 0, 1, …, S − 1: the rows of `moments` are the modules'
+    moments: tuple[torch.Tensor, ...]  # per adapter: [S, in, in], every site of this width
+    products: tuple[torch.Tensor, ...]  # per adapter: [G, in, r_i] = E[x xᵀ] scaled_aᵀ
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.sites, *self.moments, *self.products)
+
+
 def tensor_bytes(*tensors: torch.Tensor) -> int:
-    """Bytes of the tensors' elements (what they hold on their device)."""
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of the tensors' elements (what they hold on their device), each tensor once."""
+    unique = {id(t): t for t in tensors}.values()
+    return sum(t.numel() * t.element_size() for t in unique)
 
 
 def _natural_key(text: str) -> list[tuple[int, int | str]]:
@@ -79,7 +101,7 @@ class AdapterPool:
             digest.update(f"{adapter.name}\0{adapter.fingerprint}\n".encode())
         self.fingerprint: str = digest.hexdigest()
         self._groups: dict[tuple[str, torch.dtype], tuple[ModuleGroup, ...]] = {}
-        self._moments: dict[tuple[str, torch.dtype], tuple[tuple[torch.Tensor, ...], ...]] = {}
+        self._statistics: dict[tuple[str, torch.dtype], tuple[GroupStatistics, ...]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -123,11 +145,11 @@ class AdapterPool:
                 self._groups[key] = self._stack(device, dtype)
             return self._groups[key]
 
-    def moments(
+    def statistics(
         self, device: torch.device, dtype: torch.dtype, active: Sequence[int]
-    ) -> tuple[tuple[torch.Tensor, ...], ...]:
-        """Per module group (as `groups` orders them), per adapter: E[x xᵀ] of each module's
-        input, [G, in, in] (cached; stacked only when a data-aware rule asks).
+    ) -> tuple[GroupStatistics, ...]:
+        """Per module group (as `groups` orders them), the adapters' input statistics (cached;
+        stacked only when a data-aware rule asks).
 
         Raises:
             MissingStatisticsError: an adapter in `active` (pool indices) has no statistics.
@@ -138,23 +160,15 @@ class AdapterPool:
         groups = self.groups(device, dtype)
         key = (str(device), dtype)
         with self._lock:
-            if key not in self._moments:
-                self._moments[key] = tuple(
-                    tuple(
-                        torch.stack([s.moment(m) for m in group.modules]).to(device, dtype)
-                        if (s := adapter.statistics) is not None
-                        else torch.empty(0)
-                        for adapter in self.adapters
-                    )
-                    for group in groups
-                )
-            return self._moments[key]
+            if key not in self._statistics:
+                self._statistics[key] = self._stack_statistics(groups, device, dtype)
+            return self._statistics[key]
 
     def cached_bytes(self) -> int:
         """Bytes held by the cached stacks, every (device, dtype) together."""
         with self._lock:
             return sum(g.nbytes for groups in self._groups.values() for g in groups) + sum(
-                tensor_bytes(*stack) for stacks in self._moments.values() for stack in stacks
+                _statistics_bytes(stacks) for stacks in self._statistics.values()
             )
 
     def drop_groups(self, keep: tuple[torch.device, torch.dtype] | None = None) -> int:
@@ -165,8 +179,8 @@ class AdapterPool:
             freed = sum(g.nbytes for key in dropped for g in self._groups[key])
             for key in dropped:
                 del self._groups[key]
-            for key in [key for key in self._moments if key != kept]:
-                freed += sum(tensor_bytes(*stack) for stack in self._moments.pop(key))
+            for key in [key for key in self._statistics if key != kept]:
+                freed += _statistics_bytes(self._statistics.pop(key))
         return freed
 
     def _stack(self, device: torch.device, dtype: torch.dtype) -> tuple[ModuleGroup, ...]:
@@ -195,6 +209,46 @@ class AdapterPool:
                 ModuleGroup(tuple(modules), tuple(lora_b), tuple(lora_a), scales, scaled_a, norms)
             )
         return tuple(groups)
+
+    def _stack_statistics(
+        self, groups: tuple[ModuleGroup, ...], device: torch.device, dtype: torch.dtype
+    ) -> tuple[GroupStatistics, ...]:
+        statistics = [adapter.statistics for adapter in self.adapters]
+        # Two modules share a site when every adapter's file maps both to the same stored moment
+        # (decided from the files' site maps, never by comparing values).
+        rows: dict[int, dict[tuple[int, ...], int]] = {}  # in_features → site key → row
+        sites: list[list[int]] = []  # per group: each module's row
+        for group in groups:
+            keys = rows.setdefault(group.in_features, {})
+            sites.append([])
+            for module in group.modules:
+                key = tuple(-1 if s is None else s.site_of[module] for s in statistics)
+                sites[-1].append(keys.setdefault(key, len(keys)))
+        stacks = {
+            width: tuple(
+                torch.stack([s.moments[key[i]] for key in keys]).to(device, dtype)
+                if (s := statistics[i]) is not None
+                else torch.empty(0)
+                for i in range(len(statistics))
+            )
+            for width, keys in rows.items()
+        }
+        stacked = []
+        for group, group_sites in zip(groups, sites, strict=True):
+            index = torch.tensor(group_sites, device=device)
+            moments = stacks[group.in_features]
+            products = tuple(
+                moment[index] @ a.mT if moment.numel() else torch.empty(0)
+                for moment, a in zip(moments, group.scaled_a, strict=True)
+            )
+            in_order = group_sites == list(range(len(rows[group.in_features])))
+            stacked.append(GroupStatistics(index, in_order, moments, products))
+        return tuple(stacked)
+
+
+def _statistics_bytes(stacks: tuple[GroupStatistics, ...]) -> int:
+    """Bytes of a pool's statistics stacks (site stacks shared by groups counted once)."""
+    return tensor_bytes(*(t for group in stacks for t in group.tensors))
 
 
 def _validate(adapters: Sequence[LoraAdapter]) -> tuple[str, ...]:

@@ -1,7 +1,8 @@
 """The merge device's memory: a byte budget for what the merge side keeps between merges.
 
-What is kept: Pico calibrations (`CalibrationCache`) and the pools' stacked factors
-(`AdapterPool.groups`, per device and dtype; diagnostics add a float64 copy). After every job
+What is kept: Pico calibrations (`CalibrationCache`) and the pools' stacked factors and input
+statistics (`AdapterPool.groups` and `.statistics`, per device and dtype; diagnostics add a
+float64 copy). After every job
 the stacks of any other (device, dtype) than the merges' are dropped, and calibrations are
 evicted least recently used first until the total fits the budget. The budget defaults to a
 share of what is free once the engine has started (vLLM takes its share first).

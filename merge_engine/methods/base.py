@@ -5,14 +5,57 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypeVar
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import torch
 
 from ..errors import InvalidParameterError
 from ..linalg import LowRank
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, eq=False)
+class SiteMoments:
+    """The merged tasks' input moments E[x xᵀ], once per input site of one input width.
+
+    Modules that read the same input (q_proj and v_proj of one layer) share a site, also across
+    module groups. One object serves every group of a merge that reads inputs of this width, so
+    what a rule derives from the moments for the merge's ρ is computed once (`derive`).
+    """
+
+    moments: tuple[torch.Tensor, ...]  # per task: [S, in, in]
+    _derived: dict[Hashable, object] = field(default_factory=dict, repr=False)
+
+    def derive(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """`compute()`, evaluated on the first call with `key` (for this merge only)."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return cast(T, self._derived[key])
+
+
+@dataclass(frozen=True)
+class TaskStatistics:
+    """The input statistics of one module group's tasks, for rules that need them (RegMean).
+
+    E[x xᵀ] of module g's input on task t's prompts is `sites.moments[t][site[g]]`.
+    """
+
+    sites: SiteMoments
+    site: torch.Tensor  # [G] long: each module's input site
+    in_order: bool  # site == 0, 1, …, S − 1
+    products: tuple[torch.Tensor, ...]  # per task: [G, in, r_t], E[x xᵀ] a_tᵀ of each module
+
+    def rows(self, per_site: torch.Tensor) -> torch.Tensor:
+        """Each module's row of a per-site stack [S, ...]: [G, ...] (no copy when in order)."""
+        return per_site if self.in_order else per_site[self.site]
+
+    def batch(self, start: int, stop: int) -> TaskStatistics:
+        """The modules start..stop of the batch."""
+        products = tuple(p[start:stop] for p in self.products)
+        return TaskStatistics(self.sites, self.site[start:stop], False, products)
 
 
 @dataclass(frozen=True)
@@ -28,8 +71,7 @@ class TaskSet:
     b: tuple[torch.Tensor, ...]  # per task: [G, out, r_t]
     a: tuple[torch.Tensor, ...]  # per task: [G, r_t, in]
     rho: torch.Tensor  # [n] preference restricted to these tasks, sums to 1
-    moments: tuple[torch.Tensor, ...] | None = None  # per task: [G, in, in] E[x xᵀ] of the
-    # module inputs on the task's prompts; only for rules that need statistics (RegMean)
+    statistics: TaskStatistics | None = None  # only for rules that need them (RegMean)
     phi: torch.Tensor | None = None  # [G, n, R]: TARA's tuned weights, for methods that take φ
 
     @property
@@ -59,7 +101,8 @@ class TaskSet:
         return torch.stack([b @ a for b, a in zip(self.b, self.a, strict=True)], dim=1)
 
     def replace(self, b: tuple[torch.Tensor, ...], a: tuple[torch.Tensor, ...]) -> TaskSet:
-        return dataclasses.replace(self, b=b, a=a)
+        """Other factors, without the statistics (their products with A would not hold)."""
+        return dataclasses.replace(self, b=b, a=a, statistics=None)
 
     def batch(self, start: int, stop: int) -> TaskSet:
         """The modules start..stop of the batch."""
@@ -68,7 +111,7 @@ class TaskSet:
             modules=self.modules[start:stop],
             b=tuple(b[start:stop] for b in self.b),
             a=tuple(a[start:stop] for a in self.a),
-            moments=None if self.moments is None else tuple(m[start:stop] for m in self.moments),
+            statistics=None if self.statistics is None else self.statistics.batch(start, stop),
             phi=None if self.phi is None else self.phi[start:stop],
         )
 
@@ -137,7 +180,7 @@ class MergeMethod(ABC, Generic[P]):
     summary: ClassVar[str]
     exact_low_rank: ClassVar[bool]
     needs_statistics: ClassVar[bool] = False
-    """Whether the rule reads the adapters' input statistics (`TaskSet.moments`)."""
+    """Whether the rule reads the adapters' input statistics (`TaskSet.statistics`)."""
     takes_phi: ClassVar[bool] = False  # TARA's per-(task, component) weights (MergeSpec.phi)
     params_type: type[P]
 

@@ -12,6 +12,10 @@ and ε = 1e-6 · tr(M)/in guards zero-variance features. Exact on the factors: �
 B_t (A_t G̃_t M⁻¹), so the result is the rank-R LoRA [B_1 | … | B_n] [A_1'; …; A_n'] and only
 in × in systems are solved, never an out × in matrix. A one-hot preference returns the adapter
 (× λ) exactly; a zero-weight adapter takes no part.
+
+Per merge, M is formed and factorised once per input *site*: modules that read the same input
+(q_proj and v_proj of one layer) have the same G_t, also across module groups. G_t A_tᵀ depends
+on neither ρ nor α and comes with the pool's cached statistics (`TaskStatistics.products`).
 """
 
 from __future__ import annotations
@@ -59,11 +63,23 @@ def merged_gram(
     return total
 
 
-def shrunk_times(moment: torch.Tensor, a: torch.Tensor, off_diagonal: float) -> torch.Tensor:
-    """G̃ Aᵀ = α G Aᵀ + (1 − α) diag(G) Aᵀ for G [G, in, in] and A [G, r, in]: [G, in, r]."""
-    diagonal = torch.diagonal(moment, dim1=-2, dim2=-1)
-    return torch.baddbmm(
-        (1.0 - off_diagonal) * diagonal[:, :, None] * a.mT, moment, a.mT, alpha=off_diagonal
+def factorised_gram(
+    moments: tuple[torch.Tensor, ...], rho: torch.Tensor, off_diagonal: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """M = `merged_gram` [S, in, in] and its Cholesky factor [S, in, in] (M is symmetric positive
+    definite; None if rounding broke that anywhere, and M must be solved in general)."""
+    total = merged_gram(moments, rho, off_diagonal)
+    factor, failed = torch.linalg.cholesky_ex(total)
+    return total, None if bool(failed.any()) else factor
+
+
+def shrunk_times(
+    product: torch.Tensor, diagonal: torch.Tensor, a: torch.Tensor, off_diagonal: float
+) -> torch.Tensor:
+    """G̃ Aᵀ = α G Aᵀ + (1 − α) diag(G) Aᵀ from G Aᵀ [G, in, r], diag(G) [G, in] and A [G, r, in]:
+    [G, in, r]."""
+    return torch.add(
+        (1.0 - off_diagonal) * diagonal[:, :, None] * a.mT, product, alpha=off_diagonal
     )
 
 
@@ -78,25 +94,30 @@ class RegMean(MergeMethod[RegMeanParams]):
     params_type = RegMeanParams
 
     def merge(self, tasks: TaskSet, params: RegMeanParams, target_rank: int) -> LowRank:
-        if tasks.moments is None:
-            raise ValueError("regmean needs the tasks' input moments")
+        if tasks.statistics is None:
+            raise ValueError("regmean needs the tasks' input statistics")
         scaling = params.resolved_scaling(1.0)
         if tasks.count == 1:  # the regression solution is the adapter itself (ε only guards)
             return LowRank.exact(tasks.b[0], scaling * tasks.a[0])
-        total = merged_gram(tasks.moments, tasks.rho, params.off_diagonal)
+        alpha, statistics = params.off_diagonal, tasks.statistics
+        sites = statistics.sites
+        total, factor = sites.derive(  # once per input site and merge, for every module group
+            ("regmean", alpha, tuple(tasks.rho.tolist())),
+            lambda: factorised_gram(sites.moments, tasks.rho, alpha),
+        )
         # A_t' = λ ρ_t A_t G̃_t M⁻¹ = λ ρ_t (M⁻¹ G̃_t A_tᵀ)ᵀ (M and G̃_t are symmetric)
+        diagonals = [statistics.rows(torch.diagonal(m, dim1=-2, dim2=-1)) for m in sites.moments]
         rhs = torch.cat(
             [
-                shrunk_times(m, a, params.off_diagonal)
-                for m, a in zip(tasks.moments, tasks.a, strict=True)
+                shrunk_times(p, d, a, alpha)
+                for p, d, a in zip(statistics.products, diagonals, tasks.a, strict=True)
             ],
             dim=-1,
         )
-        factor, failed = torch.linalg.cholesky_ex(total)  # M is symmetric positive definite
-        if bool(failed.any()):  # only if rounding broke definiteness: the general solver
-            solved = torch.linalg.solve(total, rhs).mT  # [G, R, in]
+        if factor is None:
+            solved = torch.linalg.solve(statistics.rows(total), rhs).mT  # [G, R, in]
         else:
-            solved = torch.cholesky_solve(rhs, factor).mT
+            solved = torch.cholesky_solve(rhs, statistics.rows(factor)).mT
         weights = torch.cat(
             [w.expand(int(a.shape[-2])) for w, a in zip(tasks.rho, tasks.a, strict=True)]
         )

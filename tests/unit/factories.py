@@ -78,10 +78,13 @@ def write_adapter(
     return directory
 
 
-def write_statistics(directory: Path, seed: int, layers: int = LAYERS, tokens: int = 40) -> Path:
+def write_statistics(
+    directory: Path, seed: int, layers: int = LAYERS, tokens: int = 40, per_module: bool = False
+) -> Path:
     """Write `input_statistics.safetensors` into an adapter directory: per layer one input site
     (q_proj and v_proj read the same input) with the moments of `tokens` random features, some
-    of them correlated, so that RegMean's solve is well-posed but not trivial."""
+    of them correlated, so that RegMean's solve is well-posed but not trivial. `per_module`
+    stores the same moments once per module instead (a file that does not tell the sharing)."""
     from loramerge.merge_engine import save_statistics
     from loramerge.merge_engine.statistics import statistics_from_sums
 
@@ -95,10 +98,11 @@ def write_statistics(directory: Path, seed: int, layers: int = LAYERS, tokens: i
             @ mixing.double()
         )
         x = x + torch.randn(features, generator=generator, dtype=torch.float64)  # a mean
-        outer_sums.append(x.T @ x)
-        sums.append(x.sum(dim=0))
         for kind in SHAPES:
-            site_of[f"base_model.model.model.layers.{layer}.self_attn.{kind}"] = layer
+            if per_module or kind == next(iter(SHAPES)):
+                outer_sums.append(x.T @ x)
+                sums.append(x.sum(dim=0))
+            site_of[f"base_model.model.model.layers.{layer}.self_attn.{kind}"] = len(sums) - 1
     statistics = statistics_from_sums(site_of, outer_sums, sums, tokens=tokens, prompts=tokens // 8)
     return save_statistics(statistics, directory)
 
