@@ -81,7 +81,7 @@ def markdown(table: Table) -> str:
         _row(table.base, tasks, "—", pools),
         *(_row(row, tasks, "—", pools) for row in (*table.adapters, *table.pool_adapters)),
         *(_row(row, tasks, _chosen(row), pools) for row in table.merges),
-        *(_row(row, tasks, row.variant.path or "", pools) for row in table.tuned),
+        *(_row(row, tasks, _home_relative(row.variant.path), pools) for row in table.tuned),
         "",
         f"Best: **{table.best().variant.label}**, normalised {table.best().normalised:.2f}.",
         END,
@@ -166,3 +166,11 @@ def write_plot(table: Table, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _home_relative(path: str | None) -> str:
+    """A tuned row's adapter folder, `~/…` under the home directory (no user names in docs)."""
+    if not path:
+        return ""
+    folder, home = Path(path).expanduser(), Path.home()
+    return f"~/{folder.relative_to(home)}" if folder.is_relative_to(home) else str(folder)
