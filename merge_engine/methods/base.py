@@ -52,11 +52,6 @@ class TaskStatistics:
         """Each module's row of a per-site stack [S, ...]: [G, ...] (no copy when in order)."""
         return per_site if self.in_order else per_site[self.site]
 
-    def batch(self, start: int, stop: int) -> TaskStatistics:
-        """The modules start..stop of the batch."""
-        products = tuple(p[start:stop] for p in self.products)
-        return TaskStatistics(self.sites, self.site[start:stop], False, products)
-
 
 @dataclass(frozen=True)
 class TaskSet:
@@ -111,7 +106,7 @@ class TaskSet:
             modules=self.modules[start:stop],
             b=tuple(b[start:stop] for b in self.b),
             a=tuple(a[start:stop] for a in self.a),
-            statistics=None if self.statistics is None else self.statistics.batch(start, stop),
+            statistics=None,  # rules that read statistics merge every module at once
             phi=None if self.phi is None else self.phi[start:stop],
         )
 
