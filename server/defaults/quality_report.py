@@ -110,7 +110,8 @@ def sweep_markdown(sweep: dict[str, list[SweepCell]], split: Split) -> str:
                 f"{params} ×{count}"
                 for params, count in sorted(cell.winners.items(), key=lambda kv: -kv[1])
             )
-            shown.append(f"**{cell.mean:.2f}** ({cell.subsets} subsets: {wins})")
+            noun = "subset" if cell.subsets == 1 else "subsets"
+            shown.append(f"**{cell.mean:.2f}** ({cell.subsets} {noun}: {wins})")
         lines.append(f"| {label} | " + " | ".join(shown) + " |")
     lines.append(SWEEP_END)
     return "\n".join(lines)
