@@ -124,7 +124,12 @@ def build_residency(
         budget=merge.memory_budget_bytes,
     )
     worker = MergeWorker(
-        memory, metrics, threads=merge.max_concurrent_merges, queue=merge.max_queued_merges
+        memory,
+        metrics,
+        threads=merge.max_concurrent_merges,
+        queue=merge.max_queued_merges,
+        cpu_threads=merge.cpu_threads,
+        nice=merge.nice,
     )
     builder = VersionBuilder(
         engine,

@@ -6,11 +6,17 @@ unbounded backlog or starve the default executor that tenant lookups use. A wait
 is cancelled takes its job out of the queue; a running job finishes (threads cannot be stopped)
 and still counts against the bound until it has. After every job the merge memory is brought
 back within its budget; an out-of-memory error becomes `MergeMemoryError` naming the budget.
+
+Merges share the CPU with decoding (on a CPU engine, and for the export on any): each worker
+thread uses `cpu_threads` intra-op threads, runs `nice` steps below the process, and, once
+`confine` is given the CPUs the engine has not pinned to itself, runs only on those.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,17 +31,35 @@ from .metrics import Metrics
 
 T = TypeVar("T")
 
+logger = logging.getLogger(__name__)
+
 
 class MergeWorker:
-    def __init__(self, memory: MergeMemory, metrics: Metrics, *, threads: int, queue: int) -> None:
+    def __init__(
+        self,
+        memory: MergeMemory,
+        metrics: Metrics,
+        *,
+        threads: int,
+        queue: int,
+        cpu_threads: int = 1,
+        nice: int = 0,
+    ) -> None:
         self.memory = memory
         self._metrics = metrics
         self._threads = threads
         self._limit = threads + queue
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="merge")
+        self._executor = ThreadPoolExecutor(
+            threads,
+            thread_name_prefix="merge",
+            initializer=_set_up_thread,
+            initargs=(cpu_threads, nice),
+        )
         self._pending = 0  # submitted and not finished (event loop only)
         self._running = 0  # started and not finished (worker threads)
         self._lock = threading.Lock()
+        self._cpus: frozenset[int] | None = None  # None: wherever the kernel puts them
+        self._applied = threading.local()  # the CPU set each worker thread last applied
 
     @property
     def threads(self) -> int:
@@ -60,7 +84,17 @@ class MergeWorker:
         future.add_done_callback(lambda _: _call_soon(loop, self._finished))
         return await asyncio.wrap_future(future)
 
+    def confine(self, cpus: frozenset[int] | None) -> None:
+        """Run the jobs that start from now on only on `cpus` (None: anywhere)."""
+        self._cpus = cpus
+        if cpus is not None:
+            logger.info("merges run on CPUs %s (the engine pinned the others)", sorted(cpus))
+
     def _guarded(self, job: Callable[[], T]) -> T:
+        cpus = self._cpus
+        if getattr(self._applied, "cpus", None) != cpus:
+            os.sched_setaffinity(0, cpus if cpus is not None else os.sched_getaffinity(os.getpid()))
+            self._applied.cpus = cpus
         with self._lock:
             self._running += 1
         self._report()
@@ -88,6 +122,20 @@ class MergeWorker:
     def shutdown(self) -> None:
         """Drop queued jobs and wait for the running ones."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _set_up_thread(cpu_threads: int, nice: int) -> None:
+    """A merge thread's share of the CPU: `cpu_threads` intra-op threads (thread-local under
+    OpenMP; threads it spawns inherit its niceness), `nice` steps below the process."""
+    torch.set_num_threads(cpu_threads)
+    if nice and hasattr(os, "setpriority"):
+        thread = threading.get_native_id()  # Linux: PRIO_PROCESS with a thread id is that thread
+        try:
+            os.setpriority(
+                os.PRIO_PROCESS, thread, min(os.getpriority(os.PRIO_PROCESS, thread) + nice, 19)
+            )
+        except OSError as err:
+            logger.warning("merge.nice %d not applied to merge thread %d: %s", nice, thread, err)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:

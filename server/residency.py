@@ -58,6 +58,7 @@ from dataclasses import dataclass
 
 from loramerge.merge_engine import AdapterPool
 
+from .engine_cpus import cpus_for_merges
 from .metrics import Metrics
 from .selection import Selection
 from .version_key import VersionKey, version_key
@@ -161,7 +162,9 @@ class Residency:
             await self.builder.warm(pool)
 
     async def engine_started(self, pool: AdapterPool | None) -> None:
-        """From now on pools are warmed up (not while vLLM is still sizing its memory)."""
+        """From now on pools are warmed up (not while vLLM is still sizing its memory), and
+        merges keep off the CPUs the engine pinned to itself."""
+        self.builder.worker.confine(cpus_for_merges())
         self._warm = True
         await self.pool_changed(pool)
 

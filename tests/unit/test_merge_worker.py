@@ -4,6 +4,7 @@ accounting does not depend on the device)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import pytest
@@ -18,10 +19,12 @@ from loramerge.server.merge_worker import MergeWorker
 CPU = torch.device("cpu")
 
 
-def make_worker(budget: int = 1 << 30, threads: int = 1, queue: int = 2) -> MergeWorker:
+def make_worker(
+    budget: int = 1 << 30, threads: int = 1, queue: int = 2, **share: int
+) -> MergeWorker:
     m = metrics()
     memory = MergeMemory(CalibrationCache(64), m, device=CPU, dtype=torch.float32, budget=budget)
-    return MergeWorker(memory, m, threads=threads, queue=queue)
+    return MergeWorker(memory, m, threads=threads, queue=queue, **share)
 
 
 def gauge(worker: MergeWorker, name: str) -> float:
@@ -53,6 +56,22 @@ def test_a_full_queue_refuses_at_once_and_a_cancelled_job_never_runs() -> None:
         await asyncio.sleep(0.05)
         assert ran == [0, 1] and worker.pending == 0
         assert gauge(worker, "merge_queue_depth") == 0
+        worker.shutdown()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread niceness is Linux-only")
+def test_merge_threads_yield_the_cpu_and_leave_the_rest_of_the_process_alone() -> None:
+    def share() -> tuple[int, int]:
+        return torch.get_num_threads(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def scenario() -> None:
+        before = share()
+        worker = make_worker(threads=2, cpu_threads=1, nice=7)
+        seen = await asyncio.gather(*(worker.run(share, "a probe") for _ in range(4)))
+        assert set(seen) == {(1, min(before[1] + 7, 19))}
+        assert share() == before  # the event loop's thread keeps its threads and priority
         worker.shutdown()
 
     asyncio.run(scenario())
