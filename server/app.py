@@ -129,7 +129,6 @@ def build_residency(
         threads=merge.max_concurrent_merges,
         queue=merge.max_queued_merges,
         cpu_threads=merge.cpu_threads,
-        nice=merge.nice,
     )
     builder = VersionBuilder(
         engine,

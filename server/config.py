@@ -160,13 +160,6 @@ class MergeSettings(_Section):
         description="CPU threads each merge job may use (torch intra-op). Merges run on the "
         "CPUs the engine has not pinned to itself (vLLM-CPU pins all cores but one).",
     )
-    nice: int = Field(
-        0,
-        ge=0,
-        le=19,
-        description="Niceness added to the merge threads (Linux): above 0, the engine's "
-        "threads win a CPU both want. 0: no change.",
-    )
     memory_budget_bytes: int | None = Field(
         None,
         ge=1 << 20,

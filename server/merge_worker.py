@@ -8,8 +8,8 @@ and still counts against the bound until it has. After every job the merge memor
 back within its budget; an out-of-memory error becomes `MergeMemoryError` naming the budget.
 
 Merges share the CPU with decoding (on a CPU engine, and for the export on any): each worker
-thread uses `cpu_threads` intra-op threads, runs `nice` steps below the process, and, once
-`confine` is given the CPUs the engine has not pinned to itself, runs only on those.
+thread uses `cpu_threads` intra-op threads and, once `confine` is given the CPUs the engine
+has not pinned to itself, runs only on those.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ class MergeWorker:
         threads: int,
         queue: int,
         cpu_threads: int = 1,
-        nice: int = 0,
     ) -> None:
         self.memory = memory
         self._metrics = metrics
@@ -52,8 +51,8 @@ class MergeWorker:
         self._executor = ThreadPoolExecutor(
             threads,
             thread_name_prefix="merge",
-            initializer=_set_up_thread,
-            initargs=(cpu_threads, nice),
+            initializer=torch.set_num_threads,  # thread-local under OpenMP
+            initargs=(cpu_threads,),
         )
         self._pending = 0  # submitted and not finished (event loop only)
         self._running = 0  # started and not finished (worker threads)
@@ -122,20 +121,6 @@ class MergeWorker:
     def shutdown(self) -> None:
         """Drop queued jobs and wait for the running ones."""
         self._executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _set_up_thread(cpu_threads: int, nice: int) -> None:
-    """A merge thread's share of the CPU: `cpu_threads` intra-op threads (thread-local under
-    OpenMP; threads it spawns inherit its niceness), `nice` steps below the process."""
-    torch.set_num_threads(cpu_threads)
-    if nice and hasattr(os, "setpriority"):
-        thread = threading.get_native_id()  # Linux: PRIO_PROCESS with a thread id is that thread
-        try:
-            os.setpriority(
-                os.PRIO_PROCESS, thread, min(os.getpriority(os.PRIO_PROCESS, thread) + nice, 19)
-            )
-        except OSError as err:
-            logger.warning("merge.nice %d not applied to merge thread %d: %s", nice, thread, err)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
