@@ -8,30 +8,18 @@ core takes its time from decoding. A GPU engine pins nothing, and then neither d
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
-PROC = Path("/proc")
+import psutil
 
 
 def pinned_by_descendants(pid: int | None = None) -> frozenset[int]:
     """CPUs that some thread of a descendant process of `pid` (default: this one) is confined
     to, counting only threads whose affinity is narrower than `pid`'s own (pinned threads).
     Empty where nothing is pinned, or off Linux."""
-    root = os.getpid() if pid is None else pid
-    if not hasattr(os, "sched_getaffinity") or not PROC.is_dir():
+    if not hasattr(os, "sched_getaffinity"):
         return frozenset()
-    ours = os.sched_getaffinity(root)
-    pinned: set[int] = set()
-    for child in _descendants(root):
-        for thread in _threads(child):
-            try:
-                cpus = os.sched_getaffinity(thread)
-            except OSError:  # it ended meanwhile
-                continue
-            if cpus < ours:
-                pinned |= cpus
-    return frozenset(pinned)
+    root = psutil.Process(pid)
+    return _pinned(root, frozenset(os.sched_getaffinity(root.pid)))
 
 
 def cpus_for_merges(pid: int | None = None) -> frozenset[int] | None:
@@ -39,30 +27,24 @@ def cpus_for_merges(pid: int | None = None) -> frozenset[int] | None:
     None (no restriction) when nothing is pinned or nothing would be left."""
     if not hasattr(os, "sched_getaffinity"):
         return None
-    ours = os.sched_getaffinity(0 if pid is None else pid)
-    free = frozenset(ours) - pinned_by_descendants(pid)
+    root = psutil.Process(pid)
+    ours = frozenset(os.sched_getaffinity(root.pid))
+    free = ours - _pinned(root, ours)
     return free if free and free != ours else None
 
 
-def _descendants(root: int) -> Iterator[int]:
-    parents: dict[int, list[int]] = {}
-    for stat in PROC.glob("[0-9]*/stat"):
+def _pinned(root: psutil.Process, ours: frozenset[int]) -> frozenset[int]:
+    pinned: set[int] = set()
+    for child in root.children(recursive=True):
         try:
-            text = stat.read_text()
-        except OSError:
+            threads = child.threads()
+        except psutil.Error:  # it ended meanwhile
             continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-        ppid = int(text[text.rindex(")") + 2 :].split()[1])
-        parents.setdefault(ppid, []).append(int(stat.parent.name))
-    frontier = [root]
-    while frontier:
-        for child in parents.get(frontier.pop(), []):
-            yield child
-            frontier.append(child)
-
-
-def _threads(pid: int) -> list[int]:
-    try:
-        return [int(task.name) for task in (PROC / str(pid) / "task").iterdir()]
-    except OSError:
-        return []
+        for thread in threads:
+            try:
+                cpus = os.sched_getaffinity(thread.id)
+            except OSError:
+                continue
+            if cpus < ours:
+                pinned |= cpus
+    return frozenset(pinned)

@@ -164,7 +164,7 @@ class Residency:
     async def engine_started(self, pool: AdapterPool | None) -> None:
         """From now on pools are warmed up (not while vLLM is still sizing its memory), and
         merges keep off the CPUs the engine pinned to itself."""
-        self.builder.worker.confine(cpus_for_merges())
+        self.builder.worker.confine(await asyncio.to_thread(cpus_for_merges))  # reads /proc
         self._warm = True
         await self.pool_changed(pool)
 
