@@ -99,7 +99,7 @@ bench: install
 # one point alone: make bench-scale ARGS="--tenants 64 --steps"; the tables again from the JSON:
 # .venv/bin/python benchmarks/tenant_scale_report.py docs/tenant_scale.json
 bench-scale: install
-	$(PY) benchmarks/tenant_scale.py $(ARGS)
+	$(PY) benchmarks/tenant_scale.py --config benchmarks/tenant_scale.yaml $(ARGS)
 
 # The merge-quality table (docs/quality.md + docs/quality.png): the OSRM pools (trained from
 # OSRM's init, and the default pool projected), the tuned rows (regmean + distill, TARA φ), then

@@ -6,20 +6,24 @@ preference (seeded Dirichlet(1) over the pool); a fixed trace of requests with Z
 over tenants (s = 1.1), short prompts, short answers (`ignore_eos`, so every system generates the
 same tokens). The same trace is served, `--concurrency` requests at a time, by:
 
-1. loramerge: the server's path — the tenant's stored preference is looked up (Selector, a real
-   SQLite store), the merged version is leased (merged, exported to /dev/shm and loaded on a
-   miss; evicted when unused beyond the capacity), then `engine.generate` with it;
-2. plain vLLM: one precomputed adapter per tenant on disk (the same merged weights, written
+1. loramerge, on demand: the server's path — the tenant's stored preference is looked up
+   (Selector, a real SQLite store), the merged version is leased (merged, exported to /dev/shm
+   and loaded on a miss; evicted when unused beyond the capacity, its files kept for a reload
+   within `merge.cache_size`), then `engine.generate` with it;
+2. loramerge, merged ahead: the same, after the trace's tenants' versions were merged ahead as
+   the server does when a tenant is stored (`merge.merge_ahead`; not timed, as plain vLLM's
+   adapters are not): a miss only loads the version again;
+3. plain vLLM: one precomputed adapter per tenant on disk (the same merged weights, written
    beforehand, not timed), served through vLLM's own LRU (the same `max_loras`/`max_cpu_loras`);
-3. the base model (the ceiling).
+4. the base model (the ceiling).
 
 Every run starts cold (no adapter loaded); the order of the systems alternates between rounds,
 and the ratios are medians of per-round ratios. In-process, a unary request and a streamed one are
 the same engine stream (the server's unary Generate collects the deltas it streams), so TTFT, as
 the server's `loramerge_time_to_first_token_seconds` defines it, is measured on every request.
-Then, at the largest T, loramerge alone with
-each `--steps` preference step. Results go to a JSON file (one entry per T, so points can be run
-one at a time with `--tenants 64`), from which the markdown tables and the plot are made.
+Then, at the largest T, loramerge on demand alone with each `--steps` preference step. Results
+go to a JSON file (one entry per T, so points can be run one at a time with `--tenants 64`),
+from which the markdown tables and the plot are made.
 
     .venv/bin/python benchmarks/tenant_scale.py [--tenants 8 64 512] [--requests 128]
         [--tokens 8] [--concurrency 8] [--rounds 3] [--steps 0.01 0.05 0.1]
@@ -44,7 +48,16 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from tenant_scale_report import Point, RunResult, SweepRow, load_results, report, save_results
+from tenant_scale_report import (
+    OURS,
+    SYSTEMS,
+    Point,
+    RunResult,
+    SweepRow,
+    load_results,
+    report,
+    save_results,
+)
 
 from loramerge.merge_engine import AdapterPool, CalibrationCache, merge, save_adapter
 from loramerge.server.app import build_residency, resolve_assets
@@ -238,11 +251,15 @@ class Bench:
     # --- the three systems -------------------------------------------------------------------
 
     async def loramerge(
-        self, trace: Sequence[Request], args: Any, step: float, label: str
+        self, trace: Sequence[Request], args: Any, step: float, label: str, ahead: bool = False
     ) -> RunResult:
         """One run on the server's long-lived residency for `step`: its calibration cache stays
-        warm between runs, as in a server; no merged version is resident at the start."""
+        warm between runs, as in a server; no merged version is resident at the start. `ahead`:
+        the tenants' versions are merged ahead first (as SetTenant does; not timed, as plain
+        vLLM's adapters are written beforehand), so the run only loads them."""
         served = await self.served(step)
+        if ahead:
+            await self.merge_ahead(served.residency, trace)
         before = served.counters()
         loads = len(served.engine.loads)
 
@@ -266,6 +283,19 @@ class Bench:
             result,
             add_lora=served.engine.loads[loads:],
             **{k: after[k] - before[k] for k in after},
+        )
+
+    async def merge_ahead(self, residency: Residency, trace: Sequence[Request]) -> None:
+        tenants = sorted({r.tenant for r in trace})
+        start = time.perf_counter()
+        for tenant in tenants:
+            residency.merge_ahead(await self.select(Request(tenant, 0)))
+        await residency.merged_ahead()
+        parked = len(residency.parked())
+        print(
+            f"  merged ahead: {parked} versions for {len(tenants)} tenants parked in "
+            f"{time.perf_counter() - start:.0f} s",
+            flush=True,
         )
 
     async def served(self, step: float) -> Served:
@@ -446,16 +476,17 @@ async def run_point(bench: Bench, tenants: int, args: Any) -> Point:
     trace = zipf_trace(tenants, args.requests, args.seed)
     await bench.write_plain_adapters(trace, bench.settings.merge.preference_step)
     step = bench.settings.merge.preference_step
-    runs: dict[str, list[RunResult]] = {"loramerge": [], "plain": [], "base": []}
+    runs: dict[str, list[RunResult]] = {system: [] for system in SYSTEMS}
     for round_index in range(args.rounds):
-        order = ["loramerge", "plain", "base"]
+        order = list(SYSTEMS)
         if round_index % 2:
             order.reverse()
         for system in order:
             label = f"T={tenants} {system} round {round_index + 1}/{args.rounds}"
             print(f"{label} ...", flush=True)
-            if system == "loramerge":
-                result = await bench.loramerge(trace, args, step, label)
+            if system in OURS:
+                ahead = system == "ahead"
+                result = await bench.loramerge(trace, args, step, label, ahead)
             elif system == "plain":
                 result = await bench.plain(trace, args, label)
             else:
@@ -488,6 +519,7 @@ async def warm_up(bench: Bench, args: Any) -> None:
     await bench.base(trace, args, "warm-up base")
     await bench.plain(trace, args, "warm-up plain")
     await bench.loramerge(trace, args, bench.settings.merge.preference_step, "warm-up loramerge")
+    await bench.loramerge(trace, args, bench.settings.merge.preference_step, "warm-up ahead", True)
 
 
 async def benchmark(args: argparse.Namespace) -> None:

@@ -14,8 +14,14 @@ from typing import Any
 
 from hotswap import table
 
-SYSTEMS = ("loramerge", "plain", "base")
-LABELS = {"loramerge": "loramerge", "plain": "plain vLLM", "base": "base model"}
+SYSTEMS = ("loramerge", "ahead", "plain", "base")
+OURS = ("loramerge", "ahead")  # compared with plain vLLM
+LABELS = {
+    "loramerge": "loramerge, on demand",
+    "ahead": "loramerge, merged ahead",
+    "plain": "plain vLLM",
+    "base": "base model",
+}
 GOAL_THROUGHPUT = 0.95  # loramerge / plain, at every T
 GOAL_TTFT_P99 = 1.2  # loramerge / plain, at every T
 GOAL_SCALE = 0.8  # loramerge throughput at the largest T / at the smallest
@@ -101,15 +107,24 @@ class Point:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Point:
-        runs = {s: [RunResult(**r) for r in data["runs"][s]] for s in SYSTEMS}
+        runs = {s: [RunResult(**r) for r in data["runs"][s]] for s in SYSTEMS if s in data["runs"]}
         return cls(data["tenants"], data["requests"], data["distinct_tenants"], runs)
+
+    @property
+    def systems(self) -> list[str]:
+        """The systems measured (runs before merging ahead existed have no "ahead")."""
+        return [s for s in SYSTEMS if self.runs.get(s)]
+
+    @property
+    def ours(self) -> list[str]:
+        return [s for s in OURS if self.runs.get(s)]
 
     def median(self, system: str, figure: str) -> float:
         return statistics.median(_figure(run, figure) for run in self.runs[system])
 
-    def ratio(self, figure: str) -> float:
-        """loramerge / plain, the median of per-round ratios."""
-        pairs = zip(self.runs["loramerge"], self.runs["plain"], strict=True)
+    def ratio(self, figure: str, system: str = "loramerge") -> float:
+        """`system` / plain, the median of per-round ratios."""
+        pairs = zip(self.runs[system], self.runs["plain"], strict=True)
         return statistics.median(_figure(ours, figure) / _figure(p, figure) for ours, p in pairs)
 
 
@@ -208,8 +223,8 @@ def report(results: Results, plot: Path | None, before: Results | None = None) -
 def serving_table(points: Sequence[Point]) -> str:
     rows = []
     for p in points:
-        for system in SYSTEMS:
-            ours = system == "loramerge"
+        for system in p.systems:
+            ours = system in OURS
             rows.append(
                 [
                     str(p.tenants),
@@ -217,8 +232,8 @@ def serving_table(points: Sequence[Point]) -> str:
                     f"{p.median(system, 'throughput'):.1f}",
                     f"{p.median(system, 'ttft_p50'):.2f}",
                     f"{p.median(system, 'ttft_p99'):.2f}",
-                    f"**{p.ratio('throughput'):.2f}**" if ours else "",
-                    f"**{p.ratio('ttft_p99'):.2f}**" if ours else "",
+                    f"**{p.ratio('throughput', system):.2f}**" if ours else "",
+                    f"**{p.ratio('ttft_p99', system):.2f}**" if ours else "",
                 ]
             )
     return table(
@@ -228,8 +243,8 @@ def serving_table(points: Sequence[Point]) -> str:
             "tokens/s",
             "TTFT p50 (s)",
             "TTFT p99 (s)",
-            "throughput loramerge/plain",
-            "TTFT p99 loramerge/plain",
+            "throughput / plain",
+            "TTFT p99 / plain",
         ],
         rows,
     )
@@ -238,37 +253,40 @@ def serving_table(points: Sequence[Point]) -> str:
 def loramerge_table(points: Sequence[Point]) -> str:
     rows = []
     for p in points:
-        runs = p.runs["loramerge"]
-        hits = sum(r.merged_hits or 0 for r in runs)
-        misses = sum(r.merged_misses or 0 for r in runs)
-        calibration_hits = sum(r.calibration_hits or 0 for r in runs)
-        calibration_misses = sum(r.calibration_misses or 0 for r in runs)
-        rows.append(
-            [
-                str(p.tenants),
-                f"{p.distinct_tenants} / {p.requests}",
-                f"{p.median('loramerge', 'merges'):.0f}",
-                f"{p.median('loramerge', 'merges_per_second'):.2f}",
-                f"{ratio(hits, misses):.2f}",
-                f"{ratio(calibration_hits, calibration_misses):.2f}",
-                f"{max(r.resident_max for r in runs)}",
-                f"{max(r.shm_bytes_max for r in runs) / 1e6:.0f}",
-                f"{p.median('loramerge', 'evictions'):.0f}",
-                " / ".join(f"{p.median('loramerge', q):.2f}" for q in ("wait_p50", "wait_p99")),
-                " / ".join(
-                    f"{p.median('loramerge', phase):.1f}"
-                    for phase in (
-                        "merge_seconds",
-                        "export_seconds",
-                        "load_seconds",
-                        "evict_seconds",
-                    )
-                ),
-            ]
-        )
+        for system in p.ours:
+            runs = p.runs[system]
+            hits = sum(r.merged_hits or 0 for r in runs)
+            misses = sum(r.merged_misses or 0 for r in runs)
+            calibration_hits = sum(r.calibration_hits or 0 for r in runs)
+            calibration_misses = sum(r.calibration_misses or 0 for r in runs)
+            rows.append(
+                [
+                    str(p.tenants),
+                    LABELS[system],
+                    f"{p.distinct_tenants} / {p.requests}",
+                    f"{p.median(system, 'merges'):.0f}",
+                    f"{p.median(system, 'merges_per_second'):.2f}",
+                    f"{ratio(hits, misses):.2f}",
+                    f"{ratio(calibration_hits, calibration_misses):.2f}",
+                    f"{max(r.resident_max for r in runs)}",
+                    f"{max(r.shm_bytes_max for r in runs) / 1e6:.0f}",
+                    f"{p.median(system, 'evictions'):.0f}",
+                    " / ".join(f"{p.median(system, q):.2f}" for q in ("wait_p50", "wait_p99")),
+                    " / ".join(
+                        f"{p.median(system, phase):.1f}"
+                        for phase in (
+                            "merge_seconds",
+                            "export_seconds",
+                            "load_seconds",
+                            "evict_seconds",
+                        )
+                    ),
+                ]
+            )
     return table(
         [
             "T",
+            "serving",
             "tenants in trace / requests",
             "merges per run",
             "merges/s",
@@ -295,7 +313,7 @@ def time_table(points: Sequence[Point]) -> str:
 
     rows = []
     for p in points:
-        for system in ("loramerge", "plain"):
+        for system in [*p.ours, "plain"]:
             runs = p.runs[system]
             if not all(r.starts for r in runs):
                 continue  # measured before these fields existed
@@ -303,7 +321,7 @@ def time_table(points: Sequence[Point]) -> str:
             row = [str(p.tenants), LABELS[system], "–", "–"]
             row.append(" / ".join(median_pct(starts, q) for q in (0.5, 0.99)))
             row += ["–", "–"]
-            if system == "loramerge":
+            if system in OURS:
                 built = [[w for w, m in zip(r.waits, r.missed, strict=True) if m] for r in runs]
                 loads = [x for r in runs for x in r.add_lora]
                 merges = sum(r.merges or 0 for r in runs)
@@ -335,29 +353,32 @@ def rounds_table(points: Sequence[Point]) -> str:
     """Every round's throughputs and ratios: the spread behind the medians."""
     rows = []
     for p in points:
-        pairs = zip(p.runs["loramerge"], p.runs["plain"], p.runs["base"], strict=True)
-        for index, (ours, plain, base) in enumerate(pairs, 1):
-            rows.append(
-                [
-                    str(p.tenants),
-                    str(index),
-                    f"{ours.throughput:.1f}",
-                    f"{plain.throughput:.1f}",
-                    f"{base.throughput:.1f}",
-                    f"{ours.throughput / plain.throughput:.2f}",
-                    f"{ours.ttft(0.99):.2f} / {plain.ttft(0.99):.2f}",
-                    f"{ours.ttft(0.99) / plain.ttft(0.99):.2f}",
-                ]
-            )
+        for system in p.ours:
+            pairs = zip(p.runs[system], p.runs["plain"], p.runs["base"], strict=True)
+            for index, (ours, plain, base) in enumerate(pairs, 1):
+                rows.append(
+                    [
+                        str(p.tenants),
+                        LABELS[system],
+                        str(index),
+                        f"{ours.throughput:.1f}",
+                        f"{plain.throughput:.1f}",
+                        f"{base.throughput:.1f}",
+                        f"{ours.throughput / plain.throughput:.2f}",
+                        f"{ours.ttft(0.99):.2f} / {plain.ttft(0.99):.2f}",
+                        f"{ours.ttft(0.99) / plain.ttft(0.99):.2f}",
+                    ]
+                )
     return table(
         [
             "T",
+            "serving",
             "round",
-            "loramerge tok/s",
+            "tok/s",
             "plain tok/s",
             "base tok/s",
             "throughput ratio",
-            "TTFT p99 loramerge / plain (s)",
+            "TTFT p99 / plain's (s)",
             "TTFT p99 ratio",
         ],
         rows,
@@ -401,26 +422,24 @@ def compare_table(before: Sequence[Point], after: Sequence[Point]) -> str:
 def goals(points: Sequence[Point]) -> str:
     lines = []
     for p in points:
-        tput, p99 = p.ratio("throughput"), p.ratio("ttft_p99")
-        lines.append(
-            f"* T={p.tenants}: throughput loramerge/plain {tput:.2f}× "
-            f"({_mark(tput >= GOAL_THROUGHPUT)} goal ≥ {GOAL_THROUGHPUT}), TTFT p99 "
-            f"{p99:.2f}× ({_mark(p99 <= GOAL_TTFT_P99)} goal ≤ {GOAL_TTFT_P99})"
-        )
+        for system in p.ours:
+            tput, p99 = p.ratio("throughput", system), p.ratio("ttft_p99", system)
+            lines.append(
+                f"* T={p.tenants}, {LABELS[system]}: throughput / plain {tput:.2f}× "
+                f"({_mark(tput >= GOAL_THROUGHPUT)} goal ≥ {GOAL_THROUGHPUT}), TTFT p99 "
+                f"{p99:.2f}× ({_mark(p99 <= GOAL_TTFT_P99)} goal ≤ {GOAL_TTFT_P99})"
+            )
     if len(points) > 1:
         low, high = points[0], points[-1]
-        for system in ("loramerge", "plain"):
+        measured = [s for s in low.systems if s in high.systems and s != "base"]
+        for system in measured:
             scale = high.median(system, "throughput") / low.median(system, "throughput")
             # the same, relative to the base model measured beside it: the machine's load drifts
             # between points minutes apart, the base model's throughput shows by how much
             relative = scale / (
                 high.median("base", "throughput") / low.median("base", "throughput")
             )
-            goal = (
-                f" ({_mark(scale >= GOAL_SCALE)} goal ≥ {GOAL_SCALE})"
-                if system == "loramerge"
-                else ""
-            )
+            goal = f" ({_mark(scale >= GOAL_SCALE)} goal ≥ {GOAL_SCALE})" if system in OURS else ""
             lines.append(
                 f"* {LABELS[system]} throughput at T={high.tenants} / T={low.tenants}: "
                 f"{scale:.2f}×{goal}; relative to the base model's at each T: {relative:.2f}×"
@@ -466,7 +485,7 @@ def draw(points: Sequence[Point], path: Path) -> None:
 
     tenants = [p.tenants for p in points]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for system in SYSTEMS:
+    for system in [s for s in SYSTEMS if all(p.runs.get(s) for p in points)]:
         left.plot(
             tenants, [p.median(system, "throughput") for p in points], "o-", label=LABELS[system]
         )

@@ -195,7 +195,9 @@ async def _serve_grpc(
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(generator), server)
     merges_pb2_grpc.add_MergesServicer_to_server(MergesServicer(selector, residency), server)
     tuner = Tuner(store, registry, selector.phis, model)
-    tenants_pb2_grpc.add_TenantsServicer_to_server(TenantsServicer(store, selector, tuner), server)
+    ahead = residency if settings.merge.merge_ahead else None
+    tenants = TenantsServicer(store, selector, tuner, ahead)
+    tenants_pb2_grpc.add_TenantsServicer_to_server(tenants, server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
         AdaptersServicer(registry, residency, selector, settings.merge.device, store), server
     )

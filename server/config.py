@@ -140,6 +140,12 @@ class MergeSettings(_Section):
     cache_size: int = Field(
         32, ge=1, description="Merged versions kept (LRU); also bounds the adapters in vLLM."
     )
+    merge_ahead: bool = Field(
+        True,
+        description="Merge a tenant's version in the background when it is stored (SetTenant) "
+        "and keep it on disk, so its first request only loads it; requests' merges go first, "
+        "and it counts against merge.cache_size.",
+    )
     calibration_cache_size: int = Field(64, ge=1, description="Pico calibrations kept (LRU).")
     export_dir: Path = Field(
         Path("/dev/shm/loramerge"), description="Where merged versions are written (tmpfs)."

@@ -58,6 +58,12 @@ class Metrics:
             "Merged adapter versions removed from the engine and deleted.",
             registry=registry,
         )
+        self.merged_ahead = Counter(
+            "loramerge_merged_ahead",
+            "Merged versions built ahead of their first request (when a tenant is stored) and "
+            "kept on disk.",
+            registry=registry,
+        )  # fmt: skip
         self.eviction_errors = Counter(
             "loramerge_merged_adapter_eviction_errors",
             "Evictions whose remove_lora failed (the files are deleted all the same).",
@@ -77,6 +83,11 @@ class Metrics:
         self.parked_adapters = Gauge(
             "loramerge_parked_adapters",
             "Merged adapter versions evicted from the engine whose files are kept for a reload.",
+            registry=registry,
+        )
+        self.ahead_backlog = Gauge(
+            "loramerge_merge_ahead_backlog",
+            "Merged versions waiting to be merged ahead of their first request, or merging.",
             registry=registry,
         )
         self.resident_capacity = Gauge(

@@ -44,6 +44,10 @@ Invariants (each has a test in tests/unit/test_residency.py):
    is parked only while the export directory keeps room for the merges that may run at once,
    and a build that finds it full deletes them all and exports again. `close` deletes the
    directories without calling into the engine (which may be dead and is shutting down anyway).
+9. Ahead: `merge_ahead` builds a version before any request asks for it (a tenant was stored)
+   and parks it, so its first lease is a reload. One such merge at a time, and only while no
+   request's build runs; a request for its key joins it (single flight) and it is then loaded
+   as a build is; it never deletes parked versions to make room, and its failure only logs.
 """
 
 from __future__ import annotations
@@ -52,9 +56,10 @@ import asyncio
 import logging
 import shutil
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from typing import Any
 
 from loramerge.merge_engine import AdapterPool
 
@@ -62,7 +67,7 @@ from .engine_cpus import cpus_for_merges
 from .metrics import Metrics
 from .selection import Selection
 from .version_key import VersionKey, version_key
-from .versions import ExportSpaceError, LoraEngine, Version, VersionBuilder
+from .versions import Exported, ExportSpaceError, LoraEngine, Version, VersionBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +85,7 @@ class _Flight:
     task: asyncio.Task[Version] | None = None
     waiters: int = 0
     reload: bool = False  # of a parked version: no merge
+    ahead: bool = False  # a merge ahead of any request (`merge_ahead`)
 
 
 class Residency:
@@ -112,6 +118,11 @@ class Residency:
         self._reaper: asyncio.Task[None] | None = None
         self._current: str | None = None  # fingerprint of the current pool; None: keep all
         self._warm = False
+        self._ahead: OrderedDict[VersionKey, Selection] = OrderedDict()  # to merge ahead
+        self._ahead_wakeup = asyncio.Event()
+        self._ahead_task: asyncio.Task[None] | None = None
+        self._no_builds = asyncio.Event()  # no build for a request is running
+        self._no_builds.set()
         metrics.resident_capacity.set(capacity)
 
     @property
@@ -153,6 +164,31 @@ class Residency:
             version.leases -= 1
             self._wake()
 
+    def merge_ahead(self, selection: Selection) -> None:
+        """Merge `selection`'s version in the background and keep it on disk, not loaded, so
+        that its first lease only loads it (as a parked version). Builds for requests go first;
+        nothing is done for a version loaded, parked or being built; at most `keep` wait (the
+        oldest are dropped). A failure is logged, never raised."""
+        key = version_key(selection.pool, selection.spec, selection.rho, self._step)
+        if key in self._versions or key in self._parked or key in self._flights:
+            return
+        self._ahead[key] = selection
+        self._ahead.move_to_end(key)
+        while len(self._ahead) > self.keep:
+            self._ahead.popitem(last=False)
+        self._report_ahead()
+        self._ahead_wakeup.set()
+
+    @property
+    def ahead_backlog(self) -> int:
+        """Versions waiting to be merged ahead, or merging."""
+        return len(self._ahead) + sum(f.ahead for f in self._flights.values())
+
+    async def merged_ahead(self) -> None:
+        """Wait until every merge ahead asked for so far has finished (or failed)."""
+        while self.ahead_backlog:
+            await asyncio.sleep(0.05)
+
     async def pool_changed(self, pool: AdapterPool | None) -> None:
         """Retire the versions of older pools (once unleased) and warm the new pool."""
         self._current = pool.fingerprint if pool is not None else ""
@@ -166,12 +202,15 @@ class Residency:
         merges keep off the CPUs the engine pinned to itself."""
         self.builder.worker.confine(await asyncio.to_thread(cpus_for_merges))  # reads /proc
         self._warm = True
+        if self._ahead_task is None:
+            self._ahead_task = asyncio.create_task(self._merge_ahead_forever(), name="merge-ahead")
         await self.pool_changed(pool)
 
     async def close(self) -> None:
         """Stop the reaper and the builds, and forget every version (its files go with the
         run directory). The engine is not called: it is shutting down, or dead."""
-        for task in [self._reaper, *(f.task for f in self._flights.values())]:
+        tasks = [self._reaper, self._ahead_task, *(f.task for f in self._flights.values())]
+        for task in tasks:
             if task is not None:
                 task.cancel()
                 with suppress(asyncio.CancelledError, Exception):
@@ -179,6 +218,8 @@ class Residency:
         self.builder.worker.shutdown()
         self._versions.clear()
         self._parked.clear()
+        self._ahead.clear()
+        self._report_ahead()
         self._metrics.resident_adapters.set(0)
         self._metrics.parked_adapters.set(0)
         self._metrics.export_dir_bytes.set(0)
@@ -190,15 +231,13 @@ class Residency:
         flight = self._flights.get(key)
         if flight is None:
             flight = _Flight()
-            self._flights[key] = flight
             parked = self._parked.pop(key, None)  # no longer the reaper's to delete
             if parked is not None:
                 flight.reload = True
                 work = self._reload(parked, flight)
             else:
                 work = self._build(key, selection, flight)
-            flight.task = asyncio.create_task(work, name=f"merge-{key.digest()[:8]}")
-            flight.task.add_done_callback(_log_failure)
+            self._start(key, flight, work)
         task = flight.task
         assert task is not None
         flight.waiters += 1
@@ -212,20 +251,49 @@ class Residency:
                 flight.waiters -= 1
             raise
 
+    def _start(self, key: VersionKey, flight: _Flight, work: Coroutine[Any, Any, Version]) -> None:
+        self._flights[key] = flight
+        flight.task = asyncio.create_task(work, name=f"merge-{key.digest()[:8]}")
+        flight.task.add_done_callback(_log_failure)
+        self._flights_changed()
+
+    def _finish(self, key: VersionKey) -> None:
+        """The flight of `key` ends (in the same step as publishing or parking: invariant 3)."""
+        self._flights.pop(key, None)
+        self._flights_changed()
+
+    def _flights_changed(self) -> None:
+        if any(not (f.reload or f.ahead) for f in self._flights.values()):
+            self._no_builds.clear()
+        else:
+            self._no_builds.set()
+
     async def _build(self, key: VersionKey, selection: Selection, flight: _Flight) -> Version:
+        # the slot is asked for first: an eviction it needs runs while the merge does
+        slot = asyncio.create_task(self._take_slot())
         try:
-            # the slot is asked for first: an eviction it needs runs while the merge does
-            slot = asyncio.create_task(self._take_slot())
-            try:
-                try:
-                    exported = await self.builder.export(key, selection.pool, selection.spec)
-                except ExportSpaceError:
-                    if not await self._unpark_all():
-                        raise
-                    exported = await self.builder.export(key, selection.pool, selection.spec)
-            except BaseException:
-                await self._drop_slot(slot)
+            exported = await self._export(key, selection, flight)
+        except BaseException:
+            self._finish(key)
+            await self._drop_slot(slot)
+            raise
+        return await self._load(exported, selection, flight, slot)
+
+    async def _export(self, key: VersionKey, selection: Selection, flight: _Flight) -> Exported:
+        """Merge and export; a full export directory is made room for by deleting the parked
+        versions, except for a merge ahead that no request waits for (it fails instead)."""
+        try:
+            return await self.builder.export(key, selection.pool, selection.spec)
+        except ExportSpaceError:
+            if (flight.ahead and not flight.waiters) or not await self._unpark_all():
                 raise
+            return await self.builder.export(key, selection.pool, selection.spec)
+
+    async def _load(
+        self, exported: Exported, selection: Selection, flight: _Flight, slot: asyncio.Task[None]
+    ) -> Version:
+        """Take the slot, `add_lora` an exported version and publish it to its waiters."""
+        try:
             try:
                 await slot
             except BaseException:
@@ -238,8 +306,46 @@ class Residency:
                 await self._give_slot()
                 raise
         finally:
-            self._flights.pop(key, None)  # in the same step as publishing (invariant 3)
+            self._finish(exported.key)
         return self._publish(version, flight)
+
+    async def _merge_ahead_forever(self) -> None:
+        """Merge ahead, one version at a time, whenever no build for a request is running."""
+        while True:
+            await self._ahead_wakeup.wait()
+            self._ahead_wakeup.clear()
+            while self._ahead:
+                await self._no_builds.wait()
+                if not self._ahead:
+                    break
+                key, selection = self._ahead.popitem(last=False)
+                known = key in self._versions or key in self._parked or key in self._flights
+                if not known and not self._stale(key):
+                    flight = _Flight(ahead=True)
+                    self._start(key, flight, self._build_ahead(key, selection, flight))
+                    assert flight.task is not None
+                    await asyncio.wait([flight.task])
+                self._report_ahead()
+
+    async def _build_ahead(self, key: VersionKey, selection: Selection, flight: _Flight) -> Version:
+        """Merge and export; park the version, or load it if requests joined meanwhile."""
+        try:
+            exported = await self._export(key, selection, flight)
+        except BaseException:
+            self._finish(key)
+            raise
+        if flight.waiters:  # requests joined while it merged: load it for them
+            slot = asyncio.create_task(self._take_slot())
+            return await self._load(exported, selection, flight, slot)
+        self._finish(key)  # with parking, no await between (a lease finds it parked)
+        version = self.builder.unloaded(exported, selection.spec.method)
+        self._metrics.merged_ahead.inc()
+        if self._stale(key) or not self._room_to_park(version):
+            await self.builder.discard(version.path)
+        else:
+            self._parked[key] = version
+            await self._trim_parked()  # the least recently used beyond `keep` go
+        return version
 
     async def _reload(self, version: Version, flight: _Flight) -> Version:
         """Load a parked version again: a slot and `add_lora`, no merge."""
@@ -255,7 +361,7 @@ class Residency:
                 await self._give_slot()
                 raise
         finally:
-            self._flights.pop(version.key, None)  # in the same step as publishing
+            self._finish(version.key)
         return self._publish(version, flight)
 
     def _publish(self, version: Version, flight: _Flight) -> Version:
@@ -324,7 +430,8 @@ class Residency:
                 removed = await self._remove(victim)
                 # a lease that came meanwhile built the key anew: then this copy goes
                 again = victim.key in self._versions or victim.key in self._flights
-                if removed and not again and not self._stale(victim) and self._room_to_park(victim):
+                keep = removed and not again and not self._stale(victim.key)
+                if keep and self._room_to_park(victim):
                     self._parked[victim.key] = victim  # its files stay for a reload
                 else:
                     await self.builder.discard(victim.path)
@@ -350,9 +457,9 @@ class Residency:
     async def _trim_parked(self) -> None:
         """Delete the parked versions of stale pools, and the least recently used ones beyond
         `keep` versions on disk. Parked versions have no lease and are not in the engine."""
-        doomed = [v for v in self._parked.values() if self._stale(v)]
+        doomed = [v for v in self._parked.values() if self._stale(v.key)]
         excess = len(self._versions) + len(self._parked) - len(doomed) - self.keep
-        fresh = [v for v in self._parked.values() if not self._stale(v)]
+        fresh = [v for v in self._parked.values() if not self._stale(v.key)]
         doomed += fresh[: max(excess, 0)]
         for version in doomed:
             del self._parked[version.key]
@@ -360,15 +467,15 @@ class Residency:
         for version in doomed:
             await self.builder.discard(version.path)
 
-    def _stale(self, version: Version) -> bool:
-        return self._current is not None and version.key.pool_fingerprint != self._current
+    def _stale(self, key: VersionKey) -> bool:
+        return self._current is not None and key.pool_fingerprint != self._current
 
     def _victim(self) -> Version | None:
         """An unleased version to evict now: a stale one, else the least recently used
         unpinned one while builds are waiting for a slot or fewer than `spare` are free."""
         unleased = [v for v in self._versions.values() if v.leases == 0]
         for version in unleased:
-            if self._stale(version):
+            if self._stale(version.key):
                 return version
         if self._occupied + self._slot_waiters <= self.capacity - self.spare:
             return None
@@ -390,6 +497,9 @@ class Residency:
         self._metrics.merged_evictions.inc()
         logger.info("evicted merged version", extra={"adapter_id": version.adapter_id})
         return removed
+
+    def _report_ahead(self) -> None:
+        self._metrics.ahead_backlog.set(self.ahead_backlog)
 
     def _report(self) -> None:
         self._metrics.resident_adapters.set(len(self._versions))

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
 from loramerge.merge_engine import (
+    MergeEngineError,
     MergeSpec,
     merged_diagnostics,
     pool_diagnostics,
@@ -26,8 +28,8 @@ from loramerge.v1 import (
 )
 
 from . import translate
-from .domain import TenantRecord, validate_tenant_id
-from .errors import ConflictError, InvalidRequestError, OverloadedError
+from .domain import MergeChoice, TenantRecord, validate_tenant_id
+from .errors import ConflictError, InvalidRequestError, OverloadedError, ServerError
 from .logs import annotate
 from .registry import AdapterRegistry
 from .residency import Residency
@@ -44,6 +46,8 @@ MAX_PAGE = 1000
 EXPORT_CHUNK = 1 << 20
 MAX_VERSION = 2**63 - 1  # the store's integers are signed 64-bit
 TENANTS_LISTED = 20
+
+logger = logging.getLogger(__name__)
 
 
 def _version(value: int, field: str, lowest: int = 1) -> int:
@@ -62,10 +66,13 @@ def _tenants_using(store: Store, adapter: str) -> list[str]:
 
 
 class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
-    def __init__(self, store: Store, selector: Selector, tuner: Tuner) -> None:
+    def __init__(
+        self, store: Store, selector: Selector, tuner: Tuner, ahead: Residency | None = None
+    ) -> None:
         self._store = store
         self._selector = selector
         self._tuner = tuner
+        self._ahead = ahead  # merges a stored tenant's version ahead of its first request
 
     def _to_proto(self, record: TenantRecord) -> tenants_pb2.Tenant:
         return translate.tenant_to_proto(record, self._tuner.status(record, self._tuner.pool))
@@ -95,7 +102,20 @@ class TenantsServicer(tenants_pb2_grpc.TenantsServicer):  # type: ignore[misc]
         if tuned is not None:
             self._selector.phis.put(tuned.phi)
         annotate(tenant=record.tenant_id, tenant_version=record.version)
+        if self._ahead is not None:
+            await self._merge_ahead(self._ahead, record.tenant_id)
         return tenants_pb2.SetTenantResponse(tenant=self._to_proto(record))
+
+    async def _merge_ahead(self, residency: Residency, tenant_id: str) -> None:
+        """Queue the tenant's merged version (its static preference) to be built ahead. The
+        tenant is stored already: nothing here fails the call."""
+        try:
+            selection = await self._selector.select(tenant_id, {}, MergeChoice())
+        except (ServerError, MergeEngineError) as err:
+            logger.warning("not merging ahead for tenant %s: %s", tenant_id, err)
+            return
+        if selection is not None:
+            residency.merge_ahead(selection)
 
     async def GetTenant(
         self, request: tenants_pb2.GetTenantRequest, context: grpc.aio.ServicerContext

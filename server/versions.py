@@ -14,7 +14,7 @@ import errno
 import logging
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -147,17 +147,24 @@ class VersionBuilder:
 
     async def load(self, exported: Exported, method: str) -> Version:
         """`add_lora` the exported version; on any failure its directory is deleted."""
+        version = self._version(exported)
+        seconds = await self._add(version.lora_request, version.adapter_id, version.path)
+        version.phase_seconds["load"] = seconds
+        version.phase_seconds["total"] += seconds
+        self._record(method, version)
+        return version
+
+    def unloaded(self, exported: Exported, method: str) -> Version:
+        """The exported version, not loaded: a merge ahead of its first request, kept on disk
+        until a lease `reload`s it."""
+        version = self._version(exported)
+        self._record(method, version)
+        return version
+
+    def _version(self, exported: Exported) -> Version:
         request = self._make_request(exported.adapter_id, exported.lora_id, str(exported.path))
         phases = dict(exported.phase_seconds)
-        phases["load"] = await self._add(request, exported.adapter_id, exported.path)
-        phases["total"] = phases["total"] + phases["export"] + phases["load"]
-        self._record(method, phases, exported.report)
-        logger.info(
-            "merged version ready",
-            extra={"adapter_id": exported.adapter_id, "method": method,
-                   "rank": exported.report.rank,
-                   "phase_seconds": {k: round(v, 4) for k, v in phases.items()}},
-        )  # fmt: skip
+        phases["total"] = phases["total"] + phases["export"]
         return Version(
             exported.adapter_id,
             exported.key,
@@ -170,10 +177,9 @@ class VersionBuilder:
         )
 
     async def reload(self, version: Version) -> None:
-        """`add_lora` a version again (it was removed from the engine, its files kept); on any
-        failure its directory is deleted."""
-        seconds = await self._add(version.lora_request, version.adapter_id, version.path)
-        self._metrics.adapter_load_duration.observe(seconds)
+        """`add_lora` a version again (it was removed from the engine, or merged ahead and
+        never loaded; its files kept); on any failure its directory is deleted."""
+        await self._add(version.lora_request, version.adapter_id, version.path)
 
     async def _add(self, request: object, adapter_id: str, path: Path) -> float:
         """`add_lora`; returns its seconds. On any failure the directory is deleted."""
@@ -193,7 +199,9 @@ class VersionBuilder:
         if not loaded:
             await self.discard(path)
             raise EngineUnavailableError(f"the engine refused to load merged version {adapter_id}")
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self._metrics.adapter_load_duration.observe(seconds)
+        return seconds
 
     async def discard(self, path: Path) -> None:
         await asyncio.to_thread(shutil.rmtree, path, True)
@@ -214,11 +222,17 @@ class VersionBuilder:
         except Exception as err:
             logger.warning("pool warm-up skipped: %s", err)
 
-    def _record(self, method: str, phases: Mapping[str, float], report: MergeReport) -> None:
+    def _record(self, method: str, version: Version) -> None:
+        phases, report = version.phase_seconds, version.report
         for phase, seconds in phases.items():
             self._metrics.merge_duration.labels(method=method, phase=phase).observe(seconds)
-        self._metrics.adapter_load_duration.observe(phases["load"])
         if report.calibration_cache_hit is True:
             self._metrics.calibration_hits.inc()
         elif report.calibration_cache_hit is False:
             self._metrics.calibration_misses.inc()
+        logger.info(
+            "merged version ready",
+            extra={"adapter_id": version.adapter_id, "method": method, "rank": report.rank,
+                   "loaded": "load" in phases,
+                   "phase_seconds": {k: round(v, 4) for k, v in phases.items()}},
+        )  # fmt: skip

@@ -73,6 +73,8 @@ def test_metrics_after_traffic(
     inference.Generate(
         inference_pb2.GenerateRequest(prompt="Hello", max_tokens=2, preference=preference)
     )
+    pico = {"method": "ties", "pico": True}  # calibrates: a hit or a miss of that cache
+    merges.Merge(merges_pb2.MergeRequest(preference=preference, merge=pico))
     after = scrape(server)
 
     def grew(name: str, **labels: str) -> float:
@@ -88,9 +90,9 @@ def test_metrics_after_traffic(
     assert grew("loramerge_adapter_load_duration_seconds_count") >= 1
     assert value(after, "loramerge_resident_adapters") >= 1
     assert (
-        value(after, "loramerge_calibration_cache_hits_total")
-        + value(after, "loramerge_calibration_cache_misses_total")
-        >= 1
+        grew("loramerge_calibration_cache_hits_total")
+        + grew("loramerge_calibration_cache_misses_total")
+        == 1
     )
     assert value(after, "vllm:num_requests_running") == 0  # vLLM's own metrics are there too
     assert any(name.startswith("vllm:") for name in after)

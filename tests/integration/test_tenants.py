@@ -5,7 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from loramerge.v1 import merge_pb2, tenants_pb2, tenants_pb2_grpc
+from harness import ServerProcess, eventually, gauges
+from loramerge.v1 import merge_pb2, merges_pb2, merges_pb2_grpc, tenants_pb2, tenants_pb2_grpc
 
 pytestmark = pytest.mark.slow
 
@@ -101,3 +102,26 @@ def test_invalid_tenants_are_rejected_naming_the_field(
         tenants.SetTenant(tenants_pb2.SetTenantRequest(tenant=request_tenant))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in info.value.details()
+
+
+def test_a_stored_tenant_is_merged_ahead_of_its_first_request(
+    server: ServerProcess,
+    tenants: tenants_pb2_grpc.TenantsStub,
+    merges: merges_pb2_grpc.MergesStub,
+    task_names: list[str],
+) -> None:
+    def merged_ahead() -> float:
+        return gauges(server).get("loramerge_merged_ahead_total", 0.0)
+
+    before = merged_ahead()
+    tenants.SetTenant(
+        tenants_pb2.SetTenantRequest(
+            tenant=tenant("t-ahead", **{task_names[0]: 3, task_names[2]: 1})
+        )
+    )
+    # the backlog (earlier tenants' merges ahead, then this one) runs one merge at a time
+    eventually(lambda: gauges(server)["loramerge_merge_ahead_backlog"] == 0, timeout=120)
+    assert merged_ahead() > before
+    first = merges.Merge(merges_pb2.MergeRequest(tenant_id="t-ahead"))
+    assert first.cached  # merged when stored: the first request only loaded it
+    assert first.method == "regmean" and first.rank == 32  # two rank-16 adapters, exact

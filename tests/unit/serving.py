@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
 from loramerge.merge_engine import AdapterPool, CalibrationCache, MergeSpec
+from loramerge.server import versions
 from loramerge.server.config import MetricsSettings
 from loramerge.server.merge_memory import MergeMemory
 from loramerge.server.merge_worker import MergeWorker
@@ -92,3 +95,50 @@ def select(pool: AdapterPool, *weights: float, pin_for: str | None = None) -> Se
     total = sum(weights)
     rho = tuple(w / total for w in weights)
     return Selection(pool, MergeSpec(), rho, pin_for)
+
+
+def tiered(
+    engine: EngineDouble, run_dir: Path, *, capacity: int, keep: int, spare: int = 0, **kw: Any
+) -> Residency:
+    """A residency that keeps up to `keep` versions on disk, `spare` slots free."""
+    base = make_residency(engine, run_dir, capacity=capacity, **kw)
+    residency = Residency(
+        engine,
+        base.builder,
+        base._metrics,
+        capacity=capacity,
+        preference_step=0.01,
+        keep=keep,
+        spare=spare,
+    )
+    residency.start()
+    return residency
+
+
+async def settle(residency: Residency) -> None:
+    """Let the reaper finish what it was woken for."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+    async with residency._reap_lock:  # a pass in progress ends
+        pass
+    await asyncio.sleep(0)
+
+
+def on_disk(run_dir: Path) -> set[str]:
+    return {p.name for p in run_dir.iterdir()} if run_dir.exists() else set()
+
+
+def fail_first_merge(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The next merge raises (a numerical failure); the ones after it run for real. Returns
+    the calls so far, each as whether it failed."""
+    real = versions.merge
+    calls: list[bool] = []
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        calls.append(not calls)
+        if calls == [True]:
+            raise RuntimeError("numerical failure in the merge")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(versions, "merge", flaky)
+    return calls

@@ -15,10 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serving import EngineDouble, make_residency, select
+from serving import EngineDouble, fail_first_merge, make_residency, select
 
 from loramerge.merge_engine import AdapterPool
-from loramerge.server import versions
 from loramerge.server.errors import OverloadedError
 from loramerge.server.registry import AdapterRegistry
 from loramerge.server.store import open_store
@@ -63,17 +62,7 @@ def test_a_full_export_dir_is_resource_exhausted_and_leaves_nothing(
 def test_a_merge_that_raises_reaches_its_waiters_and_is_not_cached(
     pool3: AdapterPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_merge = versions.merge
-    calls = 0
-
-    def flaky_merge(*args: object, **kwargs: object) -> object:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise RuntimeError("numerical failure in the merge")
-        return real_merge(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(versions, "merge", flaky_merge)
+    calls = fail_first_merge(monkeypatch)
 
     async def scenario() -> None:
         engine = EngineDouble()
@@ -88,7 +77,7 @@ def test_a_merge_that_raises_reaches_its_waiters_and_is_not_cached(
         assert [type(r) for r in results] == [RuntimeError, RuntimeError]
         assert list((tmp_path / "run").glob("*")) == []
         assert await request()  # the next request merges again and succeeds
-        assert calls == 2
+        assert calls == [True, False]
         await residency.close()
 
     asyncio.run(scenario())

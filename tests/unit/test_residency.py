@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from serving import EngineDouble, make_residency, select
+from serving import EngineDouble, make_residency, on_disk, select, settle, tiered
 
 from loramerge.merge_engine import AdapterPool, load_adapter
 from loramerge.server.errors import EngineUnavailableError
@@ -23,19 +23,6 @@ from loramerge.server.selection import Selection
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(scenario(), timeout=120))
-
-
-async def settle(residency: Residency) -> None:
-    """Let the reaper finish what it was woken for."""
-    for _ in range(50):
-        await asyncio.sleep(0)
-    async with residency._reap_lock:  # a pass in progress ends
-        pass
-    await asyncio.sleep(0)
-
-
-def on_disk(run_dir: Path) -> set[str]:
-    return {p.name for p in run_dir.iterdir()} if run_dir.exists() else set()
 
 
 def test_concurrent_leases_share_one_build(pool3: AdapterPool, tmp_path: Path) -> None:
@@ -338,24 +325,6 @@ def test_a_cancelled_request_releases_its_lease(pool3: AdapterPool, tmp_path: Pa
 
 
 # --- two tiers (parked versions), spare slots, eviction overlapped with the merge -------------
-
-
-def tiered(
-    engine: EngineDouble, run_dir: Path, *, capacity: int, keep: int, spare: int = 0, **kw: int
-) -> Residency:
-    """A residency that keeps up to `keep` versions on disk, `spare` slots free."""
-    base = make_residency(engine, run_dir, capacity=capacity, **kw)
-    residency = Residency(
-        engine,
-        base.builder,
-        base._metrics,
-        capacity=capacity,
-        preference_step=0.01,
-        keep=keep,
-        spare=spare,
-    )
-    residency.start()
-    return residency
 
 
 def kept(residency: Residency) -> set[str]:

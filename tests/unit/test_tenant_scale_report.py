@@ -30,8 +30,15 @@ def run(rep: ModuleType, tokens_per_second: float, ttfts: list[float], **counter
     )
 
 
-def point(rep: ModuleType, tenants: int, ours: list[float], plain: list[float]) -> Any:
-    """Rounds with the given throughputs; loramerge's TTFTs are 1.5× plain's in every round."""
+def point(
+    rep: ModuleType,
+    tenants: int,
+    ours: list[float],
+    plain: list[float],
+    ahead: list[float] | None = None,
+) -> Any:
+    """Rounds with the given throughputs; loramerge's TTFTs are 1.5× plain's in every round
+    (merged ahead: 1.1×)."""
     counters = {
         "merges": 4.0,
         "merged_hits": 6.0,
@@ -50,6 +57,7 @@ def point(rep: ModuleType, tenants: int, ours: list[float], plain: list[float]) 
         5,
         {
             "loramerge": [run(rep, t, [1.5, 3.0], **counters) for t in ours],
+            "ahead": [run(rep, t, [1.1, 2.2], **counters) for t in ahead or []],
             "plain": [run(rep, t, [1.0, 2.0]) for t in plain],
             "base": [run(rep, 100.0, [0.5, 1.0]) for _ in plain],
         },
@@ -77,11 +85,28 @@ def test_tables_and_goals(rep: ModuleType) -> None:
     assert all(line.count("|") == serving[0].count("|") for line in serving)
     assert "**0.50**" in serving[5]  # loramerge/plain throughput at T=512
     internals = rep.loramerge_table([low, high]).splitlines()
-    assert "| 8 | 5 / 8 | 4 | 0.40 | 0.75 | 0.75 |" in internals[2]
+    assert "| 8 | loramerge, on demand | 5 / 8 | 4 | 0.40 | 0.75 | 0.75 |" in internals[2]
     goals = rep.goals([low, high]).splitlines()
     assert "1.00× (met" in goals[0] and "1.50× (**missed**" in goals[0]
     assert "0.50× (**missed**" in goals[1]
     assert "at T=512 / T=8: 0.50× (**missed**" in goals[2]
+
+
+def test_merged_ahead_is_a_system_of_its_own(rep: ModuleType) -> None:
+    low = point(rep, 8, ours=[10.0, 10.0], plain=[10.0, 10.0], ahead=[9.6, 9.8])
+    high = point(rep, 512, ours=[5.0, 5.0], plain=[10.0, 10.0], ahead=[9.0, 10.0])
+    assert low.ratio("throughput", "ahead") == pytest.approx(0.97)
+    assert low.ratio("ttft_p99", "ahead") == pytest.approx(1.1)
+    serving = rep.serving_table([low, high]).splitlines()
+    assert len(serving) == 2 + 4 * 2  # four systems per T
+    assert "| 512 | loramerge, merged ahead |" in serving[7] and "**0.95**" in serving[7]
+    goals = rep.goals([low, high]).splitlines()
+    assert goals[1].startswith("* T=8, loramerge, merged ahead: throughput / plain 0.97× (met")
+    assert "1.10× (met" in goals[1]
+    assert any("merged ahead throughput at T=512 / T=8: 0.98× (met" in g for g in goals)
+    assert len(rep.rounds_table([high]).splitlines()) == 2 + 2 * 2  # both of ours, two rounds
+    old = point(rep, 8, ours=[10.0], plain=[10.0])  # measured before merging ahead existed
+    assert old.systems == ["loramerge", "plain", "base"] and old.ours == ["loramerge"]
 
 
 def test_results_round_trip_and_plot(rep: ModuleType, tmp_path: Path) -> None:
@@ -105,7 +130,9 @@ def test_rounds_compare_and_time_tables(rep: ModuleType) -> None:
     after = point(rep, 64, ours=[10.0, 9.8], plain=[10.0, 10.0])
     rounds = rep.rounds_table([after]).splitlines()
     assert len(rounds) == 2 + 2  # one row per round
-    assert rounds[3] == "| 64 | 2 | 9.8 | 10.0 | 100.0 | 0.98 | 3.00 / 2.00 | 1.50 |"
+    assert rounds[3] == (
+        "| 64 | loramerge, on demand | 2 | 9.8 | 10.0 | 100.0 | 0.98 | 3.00 / 2.00 | 1.50 |"
+    )
     compare = rep.compare_table([before], [after]).splitlines()
     assert compare[2].startswith("| 64 | 0.93 → 0.99 | 1.50 → 1.50 |")
     assert rep.compare_table([], [after]).count("\n") == 1  # no earlier point: header only
@@ -116,5 +143,7 @@ def test_rounds_compare_and_time_tables(rep: ModuleType) -> None:
     plain = dataclasses.replace(after.runs["plain"][0], starts=[0.5, 1.5])
     with_times = rep.Point(64, 8, 5, {"loramerge": [timed], "plain": [plain], "base": []})
     rows = rep.time_table([with_times]).splitlines()
-    assert rows[2] == "| 64 | loramerge | 1 | 0.00 / 0.00 | 1.00 / 2.00 | 75 | 0.30 / 0.30 |"
+    assert rows[2] == (
+        "| 64 | loramerge, on demand | 1 | 0.00 / 0.00 | 1.00 / 2.00 | 75 | 0.30 / 0.30 |"
+    )
     assert rows[3] == "| 64 | plain vLLM | – | – | 0.50 / 1.50 | – | – |"
