@@ -10,17 +10,21 @@ export, `add_lora`); concurrent leases of the same key wait for that one build. 
 (`remove_lora`) runs only in a background reaper task, woken when a lease ends, the pool changes
 or a build needs room. Two tiers: at most `capacity` versions are loaded in the engine; an
 evicted version keeps its files ("parked") while at most `keep` versions are on disk in all, so
-its next lease only loads it again (`add_lora`, no merge, no export) — as plain vLLM reloads an
-adapter from its directory. Evictions stay off the request path: the reaper keeps `spare`
-slots free ahead of the next miss, and a build asks for its slot when it starts, so an eviction
-it still needs runs while it merges and exports.
+its next lease takes it back at once, with no merge, no export and no `add_lora`: vLLM loads it
+from its directory in the step that first runs a request naming it, as plain vLLM loads any
+adapter a request names. Evictions stay off the request path: the reaper keeps `spare` slots
+free ahead of the next miss, a build asks for its slot when it starts, so an eviction it still
+needs runs while it merges and exports, and a parked version is taken back without waiting for
+a slot (the reaper evicts back to the bound after it).
 
 Invariants (each has a test in tests/unit/test_residency.py):
-1. Bounded: at most `capacity` versions are loaded in the engine or being loaded or removed
-   (a slot is taken before `add_lora` and given back after `remove_lora`). The capacity is at
-   most vLLM's `max_cpu_loras`, so vLLM's own LRU never drops a version we hold. A build or a
-   reload that finds no free slot waits for the reaper to free one; at most `keep` versions
-   are on disk besides the builds in progress.
+1. Bounded: builds keep at most `capacity` versions loaded in the engine or being loaded or
+   removed (a slot is taken before `add_lora` and given back after `remove_lora`; a build that
+   finds no free slot waits for the reaper to free one). A parked version taken back counts at
+   once, over the bound if no slot is free; the reaper then evicts back to it, and vLLM's own
+   LRU (`max_cpu_loras`, at least the capacity) drops its least recently used adapter if it
+   must meanwhile — a version so dropped is loaded again from its files, which it keeps while
+   it is ours. At most `keep` versions are on disk besides the builds in progress.
 2. Leased means loaded: a version with a lease is never removed. The reaper picks a victim
    with no lease and takes it out of the table in one step, with no await in between (and
    leases are only taken on versions in the table, also without an await), so a lease taken
@@ -28,9 +32,9 @@ Invariants (each has a test in tests/unit/test_residency.py):
 3. Waiters first: a new version is published holding one lease for every request waiting for
    it, so it cannot be evicted before they run; a waiter cancelled before it resumes gives its
    lease back.
-4. Single flight: one build (or reload) per key at a time; a cancelled requester does not
-   cancel it for the others; a failed build or reload is not cached (the next lease retries)
-   and leaves no directory; a build that fails gives back the slot it took.
+4. Single flight: one build per key at a time; a cancelled requester does not cancel it for
+   the others; a failed build is not cached (the next lease retries) and leaves no directory;
+   a build that fails gives back the slot it took.
 5. Stale: a version of a pool that is no longer current is removed as soon as it has no lease
    (pins do not keep it), and its files deleted (parked ones at once); new requests select the
    current pool, so they never lease it.
@@ -38,16 +42,20 @@ Invariants (each has a test in tests/unit/test_residency.py):
    capacity − 1 versions are pinned, so a build can always get a slot eventually.
 7. Off the request path: leaving a lease only counts down and wakes the reaper; an eviction
    error is logged and counted, never raised to a request.
-8. Files: a version's directory exists from before its first `add_lora` until after its last
-   `remove_lora`, and while it is parked; a parked version has no lease and is not in the
-   engine, so deleting it needs no engine call. Parked versions give way to new ones: a version
-   is parked only while the export directory keeps room for the merges that may run at once,
-   and a build that finds it full deletes them all and exports again. `close` deletes the
-   directories without calling into the engine (which may be dead and is shutting down anyway).
+8. Files: a version's directory exists from before its first `add_lora` (or its first lease,
+   for one taken back) until after its last `remove_lora`, and while it is parked; a parked
+   version has no lease and is not in the engine, so deleting it needs no engine call. A
+   `remove_lora` that finds the version not loaded (vLLM's LRU dropped it, or no request ran
+   with it) still parks it; one that fails deletes its files. Parked versions give way to new
+   ones: a version is parked only while the export directory keeps room for the merges that
+   may run at once, and a build that finds it full deletes them all and exports again. `close`
+   deletes the directories without calling into the engine (which may be dead and is shutting
+   down anyway).
 9. Ahead: `merge_ahead` builds a version before any request asks for it (a tenant was stored)
-   and parks it, so its first lease is a reload. One such merge at a time, and only while no
-   request's build runs; a request for its key joins it (single flight) and it is then loaded
-   as a build is; it never deletes parked versions to make room, and its failure only logs.
+   and parks it, so its first lease takes it back with no merge. One such merge at a time, and
+   only while no request's build runs; a request for its key joins it (single flight) and it
+   is then loaded as a build is; it never deletes parked versions to make room, and its
+   failure only logs.
 """
 
 from __future__ import annotations
@@ -84,7 +92,6 @@ class _Flight:
 
     task: asyncio.Task[Version] | None = None
     waiters: int = 0
-    reload: bool = False  # of a parked version: no merge
     ahead: bool = False  # a merge ahead of any request (`merge_ahead`)
 
 
@@ -147,13 +154,13 @@ class Residency:
         if needed); a hot tenant's selection also pins it."""
         key = version_key(selection.pool, selection.spec, selection.rho, self._step)
         version = self._versions.get(key)
-        flight = self._flights.get(key)
-        reload = key in self._parked or (flight is not None and flight.reload)
-        cached = version is not None or reload  # a reload needs no merge either
+        cached = version is not None or key in self._parked  # taken back: no merge either
         (self._metrics.merged_hits if cached else self._metrics.merged_misses).inc()
         if version is not None:
             self._versions.move_to_end(key)
             version.leases += 1  # no await between the lookup and this (invariant 2)
+        elif key in self._parked:
+            version = self._take_back(key)  # holding our lease, with no await (invariant 2)
         else:
             version = await self._join(key, selection)  # returns holding our lease
         try:
@@ -231,13 +238,7 @@ class Residency:
         flight = self._flights.get(key)
         if flight is None:
             flight = _Flight()
-            parked = self._parked.pop(key, None)  # no longer the reaper's to delete
-            if parked is not None:
-                flight.reload = True
-                work = self._reload(parked, flight)
-            else:
-                work = self._build(key, selection, flight)
-            self._start(key, flight, work)
+            self._start(key, flight, self._build(key, selection, flight))
         task = flight.task
         assert task is not None
         flight.waiters += 1
@@ -263,7 +264,7 @@ class Residency:
         self._flights_changed()
 
     def _flights_changed(self) -> None:
-        if any(not (f.reload or f.ahead) for f in self._flights.values()):
+        if any(not f.ahead for f in self._flights.values()):
             self._no_builds.clear()
         else:
             self._no_builds.set()
@@ -347,22 +348,17 @@ class Residency:
             await self._trim_parked()  # the least recently used beyond `keep` go
         return version
 
-    async def _reload(self, version: Version, flight: _Flight) -> Version:
-        """Load a parked version again: a slot and `add_lora`, no merge."""
-        try:
-            try:
-                await self._take_slot()
-            except BaseException:
-                await self.builder.discard(version.path)
-                raise
-            try:
-                await self.builder.reload(version)  # deletes the files if it fails
-            except BaseException:
-                await self._give_slot()
-                raise
-        finally:
-            self._finish(version.key)
-        return self._publish(version, flight)
+    def _take_back(self, key: VersionKey) -> Version:
+        """A parked version, leased again at once: no `add_lora` (vLLM loads it from its files
+        in the step that first runs a request naming it) and no wait for a slot (it counts at
+        once; the reaper evicts back to the bound). Holds one lease."""
+        version = self._parked.pop(key)
+        version.leases = 1
+        self._occupied += 1
+        self._versions[key] = version
+        self._report()
+        self._wake()
+        return version
 
     def _publish(self, version: Version, flight: _Flight) -> Version:
         version.leases = flight.waiters
@@ -482,13 +478,13 @@ class Residency:
         return next((v for v in unleased if v.pinned_by is None), None)
 
     async def _remove(self, version: Version) -> bool:
-        """`remove_lora`; False if the engine may still hold the version (an error) or did
-        not hold it: then its files are not kept for a reload."""
+        """`remove_lora`; False if the engine may still hold the version (the call failed):
+        then its files are not kept for a reload. Not holding it is no error: vLLM's LRU may
+        have dropped it, or no request ran with it since it was taken back."""
         removed = False
         try:
-            removed = await self._engine.remove_lora(version.lora_id)
-            if not removed:
-                logger.warning("the engine did not hold %s", version.adapter_id)
+            await self._engine.remove_lora(version.lora_id)
+            removed = True
         except Exception as err:  # invariant 7: never raised to a request
             logger.error("could not remove %s from the engine: %s", version.adapter_id, err)
             self._metrics.eviction_errors.inc()

@@ -156,7 +156,7 @@ class VersionBuilder:
 
     def unloaded(self, exported: Exported, method: str) -> Version:
         """The exported version, not loaded: a merge ahead of its first request, kept on disk
-        until a lease `reload`s it."""
+        until a lease takes it (vLLM loads it in the request's step)."""
         version = self._version(exported)
         self._record(method, version)
         return version
@@ -175,11 +175,6 @@ class VersionBuilder:
             phases,
             exported.nbytes,
         )
-
-    async def reload(self, version: Version) -> None:
-        """`add_lora` a version again (it was removed from the engine, or merged ahead and
-        never loaded; its files kept); on any failure its directory is deleted."""
-        await self._add(version.lora_request, version.adapter_id, version.path)
 
     async def _add(self, request: object, adapter_id: str, path: Path) -> float:
         """`add_lora`; returns its seconds. On any failure the directory is deleted."""

@@ -72,7 +72,9 @@ def test_a_version_merged_ahead_is_parked_and_its_first_request_only_loads_it(
         await residency.merged_ahead()
         async with residency.lease(select(pool3, 1, 0, 0)) as lease:
             assert lease.cached and lease.version.adapter_id == parked.adapter_id
+            await engine.run(lease.version.lora_request)  # its step loads it from its files
             assert engine.loaded == {parked.lora_id: str(parked.path)}
+        assert engine.added == []  # never add_lora'd: no wait for the engine before the request
         assert merges == [(1, 0, 0)]  # no second merge
         assert registry.get_sample_value("loramerge_merged_adapter_cache_hits_total") == 1
         await residency.close()

@@ -346,10 +346,12 @@ def test_an_evicted_version_is_parked_and_loaded_again_without_a_merge(
         assert residency.parked() == [first.version]  # out of the engine, files kept
         assert first.version.lora_id not in engine.loaded and first.version.path.is_dir()
         async with residency.lease(select(pool3, 1, 0, 0)) as again:
-            assert again.cached  # no merge: the same files, name and id, loaded again
+            assert again.cached  # no merge: the same files, name and id
             assert again.version.adapter_id == first.version.adapter_id
+            assert again.version.lora_id not in engine.loaded  # no add_lora before the request
+            await engine.run(again.version.lora_request)  # its step loads it from its files
             assert engine.loaded[again.version.lora_id] == str(first.version.path)
-        assert [name for name, _, _ in engine.added].count(first.version.adapter_id) == 2
+        assert [name for name, _, _ in engine.added].count(first.version.adapter_id) == 1
         for weights in [(0, 0, 1), (1, 1, 0), (0, 1, 1), (1, 0, 1)]:
             async with residency.lease(select(pool3, *weights)):
                 pass
@@ -365,9 +367,41 @@ def test_an_evicted_version_is_parked_and_loaded_again_without_a_merge(
     run(scenario)
 
 
+def test_a_parked_version_is_taken_back_at_once_over_the_bound(
+    pool3: AdapterPool, tmp_path: Path
+) -> None:
+    """Every slot leased: a parked version's lease neither waits for a slot nor calls into the
+    engine; the reaper evicts back to the bound once leases end, and parks a version vLLM's own
+    LRU dropped meanwhile (its remove_lora finds nothing) with its files."""
+
+    async def scenario() -> None:
+        engine = EngineDouble()
+        run_dir = tmp_path / "run"
+        residency = tiered(engine, run_dir, capacity=1, keep=3)
+        async with residency.lease(select(pool3, 1, 0, 0)) as first:
+            pass
+        async with residency.lease(select(pool3, 0, 1, 0)) as held:
+            await settle(residency)
+            assert residency.parked() == [first.version]
+            lease = residency.lease(select(pool3, 1, 0, 0))
+            again = await asyncio.wait_for(lease.__aenter__(), 1)  # the only slot is leased
+            assert again.cached and again.version is first.version
+            assert residency.resident == 2 and len(engine.added) == 2  # no add_lora
+            await engine.run(again.version.lora_request)
+            engine.loaded.pop(again.version.lora_id)  # vLLM's LRU dropped it (over its bound)
+            await lease.__aexit__(None, None, None)
+            await settle(residency)
+            assert residency.versions() == [held.version]  # back to the bound
+            assert residency.parked() == [first.version] and first.version.path.is_dir()
+        await residency.close()
+
+    run(scenario)
+
+
 def test_parked_tier_invariants_under_churn(pool3: AdapterPool, tmp_path: Path) -> None:
     """Invariants 1, 2 and 8 with two tiers and a spare slot: 80 requests over 12 preferences,
-    capacity 3, 6 kept on disk, random hold times, pool changes meanwhile."""
+    capacity 3, 6 kept on disk, random hold times, pool changes meanwhile; each request runs
+    in the engine, which loads a version taken back from disk as vLLM does."""
 
     async def scenario() -> None:
         engine = EngineDouble(load_seconds=0.001)
@@ -383,6 +417,7 @@ def test_parked_tier_invariants_under_churn(pool3: AdapterPool, tmp_path: Path) 
             pool = pools[(i // 20) % 2]
             weights = [1 + (i % 6), 1 + (i % 4), 1][: len(pool)]
             async with residency.lease(select(pool, *weights)) as lease:
+                await engine.run(lease.version.lora_request)  # loads a version taken back
                 for _ in range(3):
                     assert lease.version.lora_id in engine.loaded
                     assert lease.version.path.is_dir()
@@ -396,7 +431,7 @@ def test_parked_tier_invariants_under_churn(pool3: AdapterPool, tmp_path: Path) 
 
         await asyncio.gather(change_pools(), *[request(i) for i in range(80)])
         assert checks == 240
-        assert engine.peak <= 3
+        assert engine.peak <= 6  # over the capacity only by versions taken back from disk
         await settle(residency)
         assert len(engine.loaded) == residency.resident <= 3
         assert residency.resident + len(residency.parked()) <= 6
