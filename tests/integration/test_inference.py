@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from harness import ServerProcess, eventually, gauges
 from loramerge.server.defaults.tasks import task_by_name
 from loramerge.v1 import inference_pb2, inference_pb2_grpc, tenants_pb2, tenants_pb2_grpc
 
@@ -69,19 +70,24 @@ def test_streaming_delivers_chunks_as_they_are_produced(
 
 
 def test_one_hot_tenant_answers_its_task_like_the_adapter_alone(
+    server: ServerProcess,
     inference: inference_pb2_grpc.InferenceStub,
     tenants: tenants_pb2_grpc.TenantsStub,
     adapter_alone_answers: dict[str, list[tuple[str, str, str]]],
 ) -> None:
-    """The tenant's merged adapter (Pico + TA, all weight on one task) gives the same greedy
-    answers as that task's adapter alone (computed with transformers + peft), and they are
-    right: the merged version is served, not the base model."""
+    """The tenant's merged adapter (all weight on one task) gives the same greedy answers as
+    that task's adapter alone (computed with transformers + peft), and they are right: the
+    merged version is served, not the base model. It was merged ahead when the tenant was
+    stored, and its first request takes it from disk with no merge and no add_lora: vLLM
+    loads it in that request's step."""
     name = "add"
     tenants.SetTenant(
         tenants_pb2.SetTenantRequest(
             tenant=tenants_pb2.Tenant(tenant_id="t-add", preference={name: 1})
         )
     )
+    eventually(lambda: gauges(server)["loramerge_merge_ahead_backlog"] == 0, timeout=120)
+    misses = gauges(server)["loramerge_merged_adapter_cache_misses_total"]
     task = task_by_name(name)
     same, correct = 0, 0
     for prompt, expected_text, answer in adapter_alone_answers[name]:
@@ -92,6 +98,7 @@ def test_one_hot_tenant_answers_its_task_like_the_adapter_alone(
     count = len(adapter_alone_answers[name])
     assert same >= count - 1, "served answers differ from the adapter alone"
     assert correct >= count - 1
+    assert gauges(server)["loramerge_merged_adapter_cache_misses_total"] == misses  # no merge
 
 
 def test_preference_change_changes_the_served_version(
