@@ -70,6 +70,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loramerge.merge_engine import AdapterPool
+from loramerge.merge_engine.adapter import CONFIG_FILE, WEIGHTS_FILE
 
 from .engine_cpus import cpus_for_merges
 from .metrics import Metrics
@@ -154,14 +155,14 @@ class Residency:
         if needed); a hot tenant's selection also pins it."""
         key = version_key(selection.pool, selection.spec, selection.rho, self._step)
         version = self._versions.get(key)
-        cached = version is not None or key in self._parked  # taken back: no merge either
-        (self._metrics.merged_hits if cached else self._metrics.merged_misses).inc()
         if version is not None:
             self._versions.move_to_end(key)
             version.leases += 1  # no await between the lookup and this (invariant 2)
         elif key in self._parked:
-            version = self._take_back(key)  # holding our lease, with no await (invariant 2)
-        else:
+            version = self._take_back(key)  # holding our lease; None if its files are gone
+        cached = version is not None  # loaded, or taken back: no merge
+        (self._metrics.merged_hits if cached else self._metrics.merged_misses).inc()
+        if version is None:
             version = await self._join(key, selection)  # returns holding our lease
         try:
             if selection.pin_for is not None:
@@ -348,11 +349,17 @@ class Residency:
             await self._trim_parked()  # the least recently used beyond `keep` go
         return version
 
-    def _take_back(self, key: VersionKey) -> Version:
+    def _take_back(self, key: VersionKey) -> Version | None:
         """A parked version, leased again at once: no `add_lora` (vLLM loads it from its files
         in the step that first runs a request naming it) and no wait for a slot (it counts at
-        once; the reaper evicts back to the bound). Holds one lease."""
+        once; the reaper evicts back to the bound). Holds one lease. None if its files are gone
+        (deleted from outside): vLLM would fail loading it inside a step, so it is built anew."""
         version = self._parked.pop(key)
+        if not all((version.path / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE)):
+            logger.warning("parked version %s lost its files: merging again", version.adapter_id)
+            shutil.rmtree(version.path, ignore_errors=True)  # rare, and what is left is small
+            self._report()
+            return None
         version.leases = 1
         self._occupied += 1
         self._versions[key] = version

@@ -19,6 +19,7 @@ from loramerge.merge_engine import AdapterPool, load_adapter
 from loramerge.server.errors import EngineUnavailableError
 from loramerge.server.residency import Residency
 from loramerge.server.selection import Selection
+from loramerge.server.versions import Version
 
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:
@@ -331,6 +332,17 @@ def kept(residency: Residency) -> set[str]:
     return {v.adapter_id for v in residency.versions() + residency.parked()}
 
 
+async def parked_one(residency: Residency, pool: AdapterPool) -> Version:
+    """With capacity 1: lease (1, 0, 0), then (0, 1, 0), which evicts and parks the first."""
+    async with residency.lease(select(pool, 1, 0, 0)) as first:
+        pass
+    async with residency.lease(select(pool, 0, 1, 0)):
+        pass
+    await settle(residency)
+    assert residency.parked() == [first.version]  # out of the engine, files kept
+    return first.version
+
+
 def test_an_evicted_version_is_parked_and_loaded_again_without_a_merge(
     pool3: AdapterPool, tmp_path: Path
 ) -> None:
@@ -338,20 +350,15 @@ def test_an_evicted_version_is_parked_and_loaded_again_without_a_merge(
         engine = EngineDouble()
         run_dir = tmp_path / "run"
         residency = tiered(engine, run_dir, capacity=1, keep=3)
-        async with residency.lease(select(pool3, 1, 0, 0)) as first:
-            pass
-        async with residency.lease(select(pool3, 0, 1, 0)):
-            pass
-        await settle(residency)
-        assert residency.parked() == [first.version]  # out of the engine, files kept
-        assert first.version.lora_id not in engine.loaded and first.version.path.is_dir()
+        first = await parked_one(residency, pool3)
+        assert first.lora_id not in engine.loaded and first.path.is_dir()
         async with residency.lease(select(pool3, 1, 0, 0)) as again:
             assert again.cached  # no merge: the same files, name and id
-            assert again.version.adapter_id == first.version.adapter_id
+            assert again.version.adapter_id == first.adapter_id
             assert again.version.lora_id not in engine.loaded  # no add_lora before the request
             await engine.run(again.version.lora_request)  # its step loads it from its files
-            assert engine.loaded[again.version.lora_id] == str(first.version.path)
-        assert [name for name, _, _ in engine.added].count(first.version.adapter_id) == 1
+            assert engine.loaded[again.version.lora_id] == str(first.path)
+        assert [name for name, _, _ in engine.added].count(first.adapter_id) == 1
         for weights in [(0, 0, 1), (1, 1, 0), (0, 1, 1), (1, 0, 1)]:
             async with residency.lease(select(pool3, *weights)):
                 pass
@@ -393,6 +400,27 @@ def test_a_parked_version_is_taken_back_at_once_over_the_bound(
             await settle(residency)
             assert residency.versions() == [held.version]  # back to the bound
             assert residency.parked() == [first.version] and first.version.path.is_dir()
+        await residency.close()
+
+    run(scenario)
+
+
+def test_a_parked_version_whose_files_were_deleted_is_merged_again(
+    pool3: AdapterPool, tmp_path: Path
+) -> None:
+    """Someone cleans /dev/shm: the lease does not hand vLLM a directory it would fail to load
+    inside a step; it merges the version again into a new directory."""
+
+    async def scenario() -> None:
+        engine = EngineDouble()
+        run_dir = tmp_path / "run"
+        residency = tiered(engine, run_dir, capacity=1, keep=3)
+        first = await parked_one(residency, pool3)
+        (first.path / "adapter_model.safetensors").unlink()
+        async with residency.lease(select(pool3, 1, 0, 0)) as again:
+            assert not again.cached and again.version.path != first.path
+            assert engine.loaded[again.version.lora_id] == str(again.version.path)
+        assert not first.path.exists()
         await residency.close()
 
     run(scenario)
