@@ -89,6 +89,7 @@ class ServerProcess:
     api_key: str | None = None  # sent by `channel()` and the start-up probe
     startup: list[tuple[float, str]] = field(default_factory=list)  # (seconds, observation)
     start_timeout: float = START_TIMEOUT  # seconds until every service must be SERVING
+    shm_at_start: set[str] = field(default_factory=set)  # /dev/shm entries before the start
 
     @property
     def address(self) -> str:
@@ -126,6 +127,7 @@ class ServerProcess:
         """Start the server and wait until every service is SERVING, recording what health and
         Generate answered while the engine was still starting."""
         config = self.write_config()
+        self.shm_at_start = _shm_entries()
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "loramerge.server", "serve", "--config", str(config)],
@@ -208,6 +210,19 @@ class ServerProcess:
         export_dir = Path(str(self.settings["merge"]["export_dir"]))  # type: ignore[index]
         return sorted(export_dir.glob("run-*")) if export_dir.exists() else []
 
+    def sweep_shm(self) -> list[str]:
+        """After a kill -9, delete the /dev/shm segments vLLM made since the start that no live
+        process maps any more (its shared-memory queues, which a killed process cannot unlink);
+        returns their names."""
+        orphans = [
+            name
+            for name in sorted(_shm_entries() - self.shm_at_start)
+            if name.startswith(("psm_", "sem.mp-")) and not _mapped(SHM / name)
+        ]
+        for name in orphans:
+            (SHM / name).unlink(missing_ok=True)
+        return orphans
+
     def restart(self) -> None:
         self.stop()
         self.start()
@@ -224,6 +239,24 @@ class ServerProcess:
                 os.kill(pid, signal.SIGKILL)
         export_dir = Path(str(self.settings["merge"]["export_dir"]))  # type: ignore[index]
         shutil.rmtree(export_dir, ignore_errors=True)
+
+
+SHM = Path("/dev/shm")
+
+
+def _shm_entries() -> set[str]:
+    return {p.name for p in SHM.iterdir()} if SHM.is_dir() else set()
+
+
+def _mapped(path: Path) -> bool:
+    """Whether a live process maps `path`."""
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            if str(path) in maps.read_text():
+                return True
+        except OSError:  # the process ended meanwhile
+            continue
+    return False
 
 
 def _pgid(pid: int) -> int | None:

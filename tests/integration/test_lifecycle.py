@@ -106,6 +106,8 @@ def test_the_engine_dying_makes_the_process_exit_for_a_restart(server: ServerPro
     assert "OK" not in seen and seen & {"UNAVAILABLE", "NOT_SERVING"}, seen
     assert not run_dir.exists()
     assert re.search(r"vLLM engine (has stopped|died)", server.log_path.read_text())
+    eventually(lambda: server.group_alive(pgid) == [], 10)
+    server.sweep_shm()  # the killed engine core's shared-memory queues
     server.start()
 
 
@@ -122,6 +124,7 @@ def test_a_start_after_kill_9_sweeps_the_dead_run_directory(
     assert server.wait(timeout=30) == -signal.SIGKILL
     eventually(lambda: server.group_alive(pgid) == [], 10)
     assert left_behind.exists()  # nothing could clean up
+    server.sweep_shm()  # nor unlink vLLM's shared-memory queues
     server.start()
     (current,) = server.run_dirs
     assert current != left_behind and not left_behind.exists()
