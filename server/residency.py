@@ -132,6 +132,7 @@ class Residency:
         self._no_builds = asyncio.Event()  # no build for a request is running
         self._no_builds.set()
         metrics.resident_capacity.set(capacity)
+        metrics.ahead_backlog.set_function(lambda: self.ahead_backlog)
 
     @property
     def resident(self) -> int:
@@ -153,7 +154,7 @@ class Residency:
     async def lease(self, selection: Selection) -> AsyncIterator[Lease]:
         """Hold the merged version for `selection` while the block runs (building it first
         if needed); a hot tenant's selection also pins it."""
-        key = version_key(selection.pool, selection.spec, selection.rho, self._step)
+        key = self._key(selection)
         version = self._versions.get(key)
         if version is not None:
             self._versions.move_to_end(key)
@@ -177,14 +178,13 @@ class Residency:
         that its first lease only loads it (as a parked version). Builds for requests go first;
         nothing is done for a version loaded, parked or being built; at most `keep` wait (the
         oldest are dropped). A failure is logged, never raised."""
-        key = version_key(selection.pool, selection.spec, selection.rho, self._step)
-        if key in self._versions or key in self._parked or key in self._flights:
+        key = self._key(selection)
+        if self._known(key):
             return
         self._ahead[key] = selection
         self._ahead.move_to_end(key)
         while len(self._ahead) > self.keep:
             self._ahead.popitem(last=False)
-        self._report_ahead()
         self._ahead_wakeup.set()
 
     @property
@@ -227,7 +227,6 @@ class Residency:
         self._versions.clear()
         self._parked.clear()
         self._ahead.clear()
-        self._report_ahead()
         self._metrics.resident_adapters.set(0)
         self._metrics.parked_adapters.set(0)
         self._metrics.export_dir_bytes.set(0)
@@ -321,13 +320,11 @@ class Residency:
                 if not self._ahead:
                     break
                 key, selection = self._ahead.popitem(last=False)
-                known = key in self._versions or key in self._parked or key in self._flights
-                if not known and not self._stale(key):
+                if not self._known(key) and not self._stale(key):
                     flight = _Flight(ahead=True)
                     self._start(key, flight, self._build_ahead(key, selection, flight))
                     assert flight.task is not None
                     await asyncio.wait([flight.task])
-                self._report_ahead()
 
     async def _build_ahead(self, key: VersionKey, selection: Selection, flight: _Flight) -> Version:
         """Merge and export; park the version, or load it if requests joined meanwhile."""
@@ -342,11 +339,8 @@ class Residency:
         self._finish(key)  # with parking, no await between (a lease finds it parked)
         version = self.builder.unloaded(exported, selection.spec.method)
         self._metrics.merged_ahead.inc()
-        if self._stale(key) or not self._room_to_park(version):
-            await self.builder.discard(version.path)
-        else:
-            self._parked[key] = version
-            await self._trim_parked()  # the least recently used beyond `keep` go
+        await self._park(version)
+        await self._trim_parked()  # the least recently used beyond `keep` go
         return version
 
     def _take_back(self, key: VersionKey) -> Version | None:
@@ -433,11 +427,7 @@ class Residency:
                 removed = await self._remove(victim)
                 # a lease that came meanwhile built the key anew: then this copy goes
                 again = victim.key in self._versions or victim.key in self._flights
-                keep = removed and not again and not self._stale(victim.key)
-                if keep and self._room_to_park(victim):
-                    self._parked[victim.key] = victim  # its files stay for a reload
-                else:
-                    await self.builder.discard(victim.path)
+                await self._park(victim, keep=removed and not again)
             await self._trim_parked()
 
     async def _unpark_all(self) -> bool:
@@ -448,6 +438,15 @@ class Residency:
         for version in doomed:
             await self.builder.discard(version.path)
         return bool(doomed)
+
+    async def _park(self, version: Version, keep: bool = True) -> None:
+        """Keep the files of `version` (out of the engine, unleased) for a reload, unless not
+        `keep`, its pool is stale or the export directory lacks room: then they are deleted.
+        Parking itself has no await before it (a lease looking for the key finds it parked)."""
+        if keep and not self._stale(version.key) and self._room_to_park(version):
+            self._parked[version.key] = version
+        else:
+            await self.builder.discard(version.path)
 
     def _room_to_park(self, version: Version) -> bool:
         """Parking keeps room for the merges that may run at once (and one more) to export."""
@@ -469,6 +468,13 @@ class Residency:
         self._report()
         for version in doomed:
             await self.builder.discard(version.path)
+
+    def _key(self, selection: Selection) -> VersionKey:
+        return version_key(selection.pool, selection.spec, selection.rho, self._step)
+
+    def _known(self, key: VersionKey) -> bool:
+        """Loaded, parked or being built."""
+        return key in self._versions or key in self._parked or key in self._flights
 
     def _stale(self, key: VersionKey) -> bool:
         return self._current is not None and key.pool_fingerprint != self._current
@@ -500,9 +506,6 @@ class Residency:
         self._metrics.merged_evictions.inc()
         logger.info("evicted merged version", extra={"adapter_id": version.adapter_id})
         return removed
-
-    def _report_ahead(self) -> None:
-        self._metrics.ahead_backlog.set(self.ahead_backlog)
 
     def _report(self) -> None:
         self._metrics.resident_adapters.set(len(self._versions))

@@ -214,10 +214,11 @@ class ServerProcess:
         """After a kill -9, delete the /dev/shm segments vLLM made since the start that no live
         process maps any more (its shared-memory queues, which a killed process cannot unlink);
         returns their names."""
+        mapped = _mapped_paths()
         orphans = [
             name
             for name in sorted(_shm_entries() - self.shm_at_start)
-            if name.startswith(("psm_", "sem.mp-")) and not _mapped(SHM / name)
+            if name.startswith(("psm_", "sem.mp-")) and str(SHM / name) not in mapped
         ]
         for name in orphans:
             (SHM / name).unlink(missing_ok=True)
@@ -248,15 +249,19 @@ def _shm_entries() -> set[str]:
     return {p.name for p in SHM.iterdir()} if SHM.is_dir() else set()
 
 
-def _mapped(path: Path) -> bool:
-    """Whether a live process maps `path`."""
+def _mapped_paths() -> set[str]:
+    """The files live processes map (the last field of /proc/PID/maps lines)."""
+    paths: set[str] = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:
-            if str(path) in maps.read_text():
-                return True
+            text = maps.read_text()
         except OSError:  # the process ended meanwhile
             continue
-    return False
+        for line in text.splitlines():
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6:
+                paths.add(fields[5])
+    return paths
 
 
 def _pgid(pid: int) -> int | None:

@@ -4,6 +4,7 @@ test double of vLLM's engine that checks what a real one would rely on."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,8 @@ class EngineDouble:
             raise self.fail_add
         if self.refuse_add:
             return False
-        assert (Path(path) / "adapter_model.safetensors").is_file()
+        self._load(lora_id, path)
         self.added.append((name, lora_id, path))
-        self.loaded[lora_id] = path
-        self.peak = max(self.peak, len(self.loaded))
         return True
 
     async def run(self, request: object) -> None:
@@ -56,9 +55,12 @@ class EngineDouble:
         _name, lora_id, path = request  # type: ignore[misc]
         await asyncio.sleep(0)
         if lora_id not in self.loaded:
-            assert (Path(path) / "adapter_model.safetensors").is_file()
-            self.loaded[lora_id] = path
-            self.peak = max(self.peak, len(self.loaded))
+            self._load(lora_id, path)
+
+    def _load(self, lora_id: int, path: str) -> None:
+        assert (Path(path) / "adapter_model.safetensors").is_file()
+        self.loaded[lora_id] = path
+        self.peak = max(self.peak, len(self.loaded))
 
     async def remove_lora(self, lora_id: int) -> bool:
         if self.remove_gate is not None:
@@ -67,6 +69,11 @@ class EngineDouble:
             raise self.fail_remove
         self.removed.append(lora_id)
         return self.loaded.pop(lora_id, None) is not None
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    """Run an async test scenario; it fails after 120 s."""
+    asyncio.run(asyncio.wait_for(scenario(), timeout=120))
 
 
 def metrics() -> Metrics:

@@ -6,24 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
-from serving import EngineDouble, fail_first_merge, on_disk, select, settle, tiered
+from serving import EngineDouble, fail_first_merge, on_disk, run, select, settle, tiered
 
 from loramerge.merge_engine import AdapterPool
 from loramerge.server import versions
 from loramerge.server.config import MetricsSettings
 from loramerge.server.metrics import Metrics
 from loramerge.server.residency import Residency
-
-
-def run(scenario: Callable[[], object]) -> None:
-    asyncio.run(asyncio.wait_for(scenario(), timeout=120))  # type: ignore[arg-type]
-
 
 GATES: dict[tuple[float, ...], threading.Event] = {}  # a merge of this preference waits
 

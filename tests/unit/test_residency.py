@@ -9,21 +9,16 @@ import random
 import shutil
 import subprocess
 import threading
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from serving import EngineDouble, make_residency, on_disk, select, settle, tiered
+from serving import EngineDouble, make_residency, on_disk, run, select, settle, tiered
 
 from loramerge.merge_engine import AdapterPool, load_adapter
 from loramerge.server.errors import EngineUnavailableError
 from loramerge.server.residency import Residency
 from loramerge.server.selection import Selection
 from loramerge.server.versions import Version
-
-
-def run(scenario: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(scenario(), timeout=120))
 
 
 def test_concurrent_leases_share_one_build(pool3: AdapterPool, tmp_path: Path) -> None:
