@@ -132,7 +132,6 @@ class Residency:
         self._no_builds = asyncio.Event()  # no build for a request is running
         self._no_builds.set()
         metrics.resident_capacity.set(capacity)
-        metrics.ahead_backlog.set_function(lambda: self.ahead_backlog)
 
     @property
     def resident(self) -> int:
@@ -185,6 +184,7 @@ class Residency:
         self._ahead.move_to_end(key)
         while len(self._ahead) > self.keep:
             self._ahead.popitem(last=False)
+        self._report_ahead()
         self._ahead_wakeup.set()
 
     @property
@@ -227,6 +227,7 @@ class Residency:
         self._versions.clear()
         self._parked.clear()
         self._ahead.clear()
+        self._report_ahead()
         self._metrics.resident_adapters.set(0)
         self._metrics.parked_adapters.set(0)
         self._metrics.export_dir_bytes.set(0)
@@ -325,6 +326,7 @@ class Residency:
                     self._start(key, flight, self._build_ahead(key, selection, flight))
                     assert flight.task is not None
                     await asyncio.wait([flight.task])
+                self._report_ahead()  # on the event loop, once the version is parked
 
     async def _build_ahead(self, key: VersionKey, selection: Selection, flight: _Flight) -> Version:
         """Merge and export; park the version, or load it if requests joined meanwhile."""
@@ -506,6 +508,9 @@ class Residency:
         self._metrics.merged_evictions.inc()
         logger.info("evicted merged version", extra={"adapter_id": version.adapter_id})
         return removed
+
+    def _report_ahead(self) -> None:
+        self._metrics.ahead_backlog.set(self.ahead_backlog)
 
     def _report(self) -> None:
         self._metrics.resident_adapters.set(len(self._versions))
