@@ -8,8 +8,9 @@ same tokens). The same trace is served, `--concurrency` requests at a time, by:
 
 1. loramerge, on demand: the server's path — the tenant's stored preference is looked up
    (Selector, a real SQLite store), the merged version is leased (merged, exported to /dev/shm
-   and loaded on a miss; evicted when unused beyond the capacity, its files kept for a reload
-   within `merge.cache_size`), then `engine.generate` with it;
+   and loaded on a miss; evicted when unused beyond the capacity with no engine call, vLLM's own
+   LRU unloading it when it needs the room, its files kept for a reload within
+   `merge.cache_size`), then `engine.generate` with it;
 2. loramerge, merged ahead: the same, after the trace's tenants' versions were merged ahead as
    the server does when a tenant is stored (`merge.merge_ahead`; not timed, as plain vLLM's
    adapters are not): a miss only loads the version again;
@@ -199,15 +200,23 @@ class Served:
         return counters
 
     async def evict_all(self, engine: Any, timeout: float = 120.0) -> None:
-        """Evict every merged version as a pool change does (the reaper removes them in the
-        background), and wait until the engine holds none: the next run starts cold."""
+        """Retire every merged version as a pool change does (the reaper removes the resident
+        ones in the background), then unload what vLLM's own LRU still holds of the parked
+        ones, as after a plain run: the next run starts cold."""
         await self.residency.pool_changed(None)
         deadline = time.perf_counter() + timeout
-        while self.residency.resident or await engine.list_loras():
+        while self.residency.resident:
             if time.perf_counter() > deadline:
-                raise TimeoutError("merged versions still loaded after the run")
+                raise TimeoutError("merged versions still resident after the run")
             await asyncio.sleep(0.1)
+        await unload_all(engine)
         await self.residency.pool_changed(self.pool)
+
+
+async def unload_all(engine: Any) -> None:
+    """Remove every adapter vLLM holds."""
+    for lora_id in await engine.list_loras():
+        await engine.remove_lora(lora_id)
 
 
 # → (the LoRARequest or None; loramerge: whether the version was not loaded yet, else None)
@@ -334,8 +343,7 @@ class Bench:
         try:
             result = await self.drive(trace, args, scope, sampler)
         finally:
-            for lora_id in await self.engine.list_loras():
-                await self.engine.remove_lora(lora_id)  # the next run starts cold too
+            await unload_all(self.engine)  # the next run starts cold too
         return result
 
     async def base(self, trace: Sequence[Request], args: Any, label: str) -> RunResult:

@@ -55,7 +55,7 @@ class Metrics:
         )
         self.merged_evictions = Counter(
             "loramerge_merged_adapter_cache_evictions",
-            "Merged adapter versions removed from the engine and deleted.",
+            "Merged adapter versions evicted from the resident set (parked or deleted).",
             registry=registry,
         )
         self.merged_ahead = Counter(
@@ -66,7 +66,8 @@ class Metrics:
         )  # fmt: skip
         self.eviction_errors = Counter(
             "loramerge_merged_adapter_eviction_errors",
-            "Evictions whose remove_lora failed (the files are deleted all the same).",
+            "Removals of a stale pool's versions from the engine that failed (the files are "
+            "deleted all the same).",
             registry=registry,
         )
         self.adapter_load_duration = Histogram(
@@ -77,12 +78,13 @@ class Metrics:
         )
         self.resident_adapters = Gauge(
             "loramerge_resident_adapters",
-            "Merged adapter versions loaded in the engine.",
+            "Merged adapter versions resident: leased or recently used (vLLM keeps them loaded).",
             registry=registry,
         )
         self.parked_adapters = Gauge(
             "loramerge_parked_adapters",
-            "Merged adapter versions evicted from the engine whose files are kept for a reload.",
+            "Merged adapter versions evicted whose files are kept for a reload (vLLM may still "
+            "hold them until its own LRU drops them).",
             registry=registry,
         )
         self.ahead_backlog = Gauge(
@@ -92,7 +94,8 @@ class Metrics:
         )
         self.resident_capacity = Gauge(
             "loramerge_resident_adapters_capacity",
-            "Merged adapter versions that may be loaded in the engine at once.",
+            "Merged adapter versions that may be resident at once (engine.max_cpu_loras, at most "
+            "merge.cache_size).",
             registry=registry,
         )
         self.export_dir_bytes = Gauge(

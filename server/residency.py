@@ -6,51 +6,56 @@ Every transport holds a version for the whole life of a request with one context
         ...generate with lease.version.lora_request...
 
 The first lease of a key builds the version (`versions.VersionBuilder`: merge on a merge worker,
-export, `add_lora`); concurrent leases of the same key wait for that one build. Eviction
-(`remove_lora`) runs only in a background reaper task, woken when a lease ends, the pool changes
-or a build needs room. Two tiers: at most `capacity` versions are loaded in the engine; an
-evicted version keeps its files ("parked") while at most `keep` versions are on disk in all, so
-its next lease takes it back at once, with no merge, no export and no `add_lora`: vLLM loads it
-from its directory in the step that first runs a request naming it, as plain vLLM loads any
-adapter a request names. Evictions stay off the request path: the reaper keeps `spare` slots
-free ahead of the next miss, a build asks for its slot when it starts, so an eviction it still
-needs runs while it merges and exports, and a parked version is taken back without waiting for
-a slot (the reaper evicts back to the bound after it).
+export, `add_lora`); concurrent leases of the same key wait for that one build. Eviction runs
+only in a background reaper task, woken when a lease ends, the pool changes or a build needs
+room. Our LRU keeps at most `capacity` versions "resident" (leased or recently used; as many as
+vLLM keeps loaded, `max_cpu_loras`). A version it evicts is "parked": handed to vLLM's own LRU
+with no engine call (vLLM keeps it loaded until it needs the room, as it keeps a plain adapter)
+and its files kept while at most `keep` versions are on disk in all, so its next lease takes it
+back at once, with no merge, no export and no `add_lora`: vLLM uses it if it still holds it, or
+loads it from its directory in the step that first runs a request naming it, as plain vLLM
+loads any adapter a request names. Only the versions of a stale pool are removed from the
+engine (`remove_lora`), in the reaper. A build asks for its slot when it starts, and the reaper
+keeps `spare` slots free ahead of the next miss; a parked version is taken back without
+waiting for a slot (the reaper evicts back to the bound after it).
 
 Invariants (each has a test in tests/unit/test_residency.py):
-1. Bounded: builds keep at most `capacity` versions loaded in the engine or being loaded or
-   removed (a slot is taken before `add_lora` and given back after `remove_lora`; a build that
-   finds no free slot waits for the reaper to free one). A parked version taken back counts at
-   once, over the bound if no slot is free; the reaper then evicts back to it, and vLLM's own
-   LRU (`max_cpu_loras`, at least the capacity) drops its least recently used adapter if it
-   must meanwhile — a version so dropped is loaded again from its files, which it keeps while
-   it is ours. At most `keep` versions are on disk besides the builds in progress.
-2. Leased means loaded: a version with a lease is never removed. The reaper picks a victim
-   with no lease and takes it out of the table in one step, with no await in between (and
-   leases are only taken on versions in the table, also without an await), so a lease taken
-   at any time before is seen, and none can be taken after. Passes are serialised by a lock.
+1. Bounded: builds keep at most `capacity` versions resident or being loaded or removed (a slot
+   is taken before `add_lora` and given back when the version is evicted; a build that finds no
+   free slot waits for the reaper to free one). A parked version taken back counts at once,
+   over the bound if no slot is free; the reaper then evicts back to it. vLLM bounds what it
+   holds itself (`max_cpu_loras`, at least the capacity): an adapter it dropped is loaded again
+   from its files, which a version keeps while it is ours. At most `keep` versions are on disk
+   besides the builds in progress.
+2. Leased means loadable: a version with a lease is never evicted, and its files exist, so
+   every step that runs one of its requests finds it in vLLM or loads it. The reaper picks a
+   victim with no lease and takes it out of the table in one step, with no await in between
+   (and leases are only taken on versions in the table, also without an await), so a lease
+   taken at any time before is seen, and none can be taken after. Passes are serialised by a
+   lock.
 3. Waiters first: a new version is published holding one lease for every request waiting for
    it, so it cannot be evicted before they run; a waiter cancelled before it resumes gives its
    lease back.
 4. Single flight: one build per key at a time; a cancelled requester does not cancel it for
    the others; a failed build is not cached (the next lease retries) and leaves no directory;
    a build that fails gives back the slot it took.
-5. Stale: a version of a pool that is no longer current is removed as soon as it has no lease
-   (pins do not keep it), and its files deleted (parked ones at once); new requests select the
-   current pool, so they never lease it.
-6. Pins: a hot tenant has at most one pinned version, which LRU never evicts; at most
-   capacity − 1 versions are pinned, so a build can always get a slot eventually.
+5. Stale: a version of a pool that is no longer current is removed from the engine as soon as
+   it has no lease (pins do not keep it), and its files deleted (parked ones at once, with no
+   engine call: vLLM's LRU drops them if it still holds them); new requests select the current
+   pool, so they never lease it.
+6. Pins: a hot tenant has at most one pinned version, which our LRU never parks (vLLM's keeps
+   it while the tenant is served: it is among the most recently used); at most capacity − 1
+   versions are pinned, so a build can always get a slot eventually.
 7. Off the request path: leaving a lease only counts down and wakes the reaper; an eviction
    error is logged and counted, never raised to a request.
 8. Files: a version's directory exists from before its first `add_lora` (or its first lease,
-   for one taken back) until after its last `remove_lora`, and while it is parked; a parked
-   version has no lease and is not in the engine, so deleting it needs no engine call. A
-   `remove_lora` that finds the version not loaded (vLLM's LRU dropped it, or no request ran
-   with it) still parks it; one that fails deletes its files. Parked versions give way to new
-   ones: a version is parked only while the export directory keeps room for the merges that
-   may run at once, and a build that finds it full deletes them all and exports again. `close`
-   deletes the directories without calling into the engine (which may be dead and is shutting
-   down anyway).
+   for one taken back) until after it is removed from the engine (stale) or deleted from the
+   parked tier; a parked version has no lease and vLLM never loads it again under its name
+   once deleted (a new build gets a new name and id), so deleting it needs no engine call.
+   Parked versions give way to new ones: a version is parked only while the export directory
+   keeps room for the merges that may run at once (and one more), and a build that finds it
+   full deletes them all and exports again. `close` deletes the directories without calling
+   into the engine (which may be dead and is shutting down anyway).
 9. Ahead: `merge_ahead` builds a version before any request asks for it (a tenant was stored)
    and parks it, so its first lease takes it back with no merge. One such merge at a time, and
    only while no request's build runs; a request for its key joins it (single flight) and it
@@ -138,11 +143,11 @@ class Residency:
         return len(self._versions)
 
     def versions(self) -> list[Version]:
-        """The versions loaded in the engine."""
+        """The resident versions (leased or recently used)."""
         return list(self._versions.values())
 
     def parked(self) -> list[Version]:
-        """The versions on disk only (evicted from the engine, kept for a reload)."""
+        """The evicted versions kept on disk for a reload (vLLM may still hold them)."""
         return list(self._parked.values())
 
     def start(self) -> None:
@@ -346,10 +351,11 @@ class Residency:
         return version
 
     def _take_back(self, key: VersionKey) -> Version | None:
-        """A parked version, leased again at once: no `add_lora` (vLLM loads it from its files
-        in the step that first runs a request naming it) and no wait for a slot (it counts at
-        once; the reaper evicts back to the bound). Holds one lease. None if its files are gone
-        (deleted from outside): vLLM would fail loading it inside a step, so it is built anew."""
+        """A parked version, leased again at once: no `add_lora` (vLLM still holds it, or loads
+        it from its files in the step that first runs a request naming it) and no wait for a
+        slot (it counts at once; the reaper evicts back to the bound). Holds one lease. None if
+        its files are gone (deleted from outside): if vLLM dropped it meanwhile, it would fail
+        loading it inside a step, so it is built anew."""
         version = self._parked.pop(key)
         if not all((version.path / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE)):
             logger.warning("parked version %s lost its files: merging again", version.adapter_id)
@@ -425,11 +431,15 @@ class Residency:
         async with self._reap_lock:
             while (victim := self._victim()) is not None:
                 del self._versions[victim.key]  # same step as the lease check (invariant 2)
+                if self._stale(victim.key):
+                    await self._remove(victim)  # out of the engine's memory now
+                    await self.builder.discard(victim.path)
+                else:  # handed to vLLM's LRU: no engine call
+                    await self._park(victim)  # no await before parking: a lease finds it
+                self._metrics.merged_evictions.inc()
                 self._report()
-                removed = await self._remove(victim)
-                # a lease that came meanwhile built the key anew: then this copy goes
-                again = victim.key in self._versions or victim.key in self._flights
-                await self._park(victim, keep=removed and not again)
+                await self._give_slot()
+                logger.info("evicted merged version", extra={"adapter_id": victim.adapter_id})
             await self._trim_parked()
 
     async def _unpark_all(self) -> bool:
@@ -441,11 +451,11 @@ class Residency:
             await self.builder.discard(version.path)
         return bool(doomed)
 
-    async def _park(self, version: Version, keep: bool = True) -> None:
-        """Keep the files of `version` (out of the engine, unleased) for a reload, unless not
-        `keep`, its pool is stale or the export directory lacks room: then they are deleted.
-        Parking itself has no await before it (a lease looking for the key finds it parked)."""
-        if keep and not self._stale(version.key) and self._room_to_park(version):
+    async def _park(self, version: Version) -> None:
+        """Keep the files of `version` (unleased; vLLM may hold it until its LRU drops it) for
+        a reload, unless its pool is stale or the export directory lacks room: then they are
+        deleted. Parking has no await before it (a lease looking for the key finds it parked)."""
+        if not self._stale(version.key) and self._room_to_park(version):
             self._parked[version.key] = version
         else:
             await self.builder.discard(version.path)
@@ -492,22 +502,15 @@ class Residency:
             return None
         return next((v for v in unleased if v.pinned_by is None), None)
 
-    async def _remove(self, version: Version) -> bool:
-        """`remove_lora`; False if the engine may still hold the version (the call failed):
-        then its files are not kept for a reload. Not holding it is no error: vLLM's LRU may
-        have dropped it, or no request ran with it since it was taken back."""
-        removed = False
+    async def _remove(self, version: Version) -> None:
+        """`remove_lora` a version of a stale pool. Not holding it is no error (vLLM's LRU may
+        have dropped it, or no request ran with it since it was taken back); a failure is
+        logged and counted, never raised to a request (invariant 7)."""
         try:
             await self._engine.remove_lora(version.lora_id)
-            removed = True
-        except Exception as err:  # invariant 7: never raised to a request
+        except Exception as err:
             logger.error("could not remove %s from the engine: %s", version.adapter_id, err)
             self._metrics.eviction_errors.inc()
-        finally:
-            await self._give_slot()
-        self._metrics.merged_evictions.inc()
-        logger.info("evicted merged version", extra={"adapter_id": version.adapter_id})
-        return removed
 
     def _report_ahead(self) -> None:
         self._metrics.ahead_backlog.set(self.ahead_backlog)

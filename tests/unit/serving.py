@@ -4,6 +4,7 @@ test double of vLLM's engine that checks what a real one would rely on."""
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,14 @@ from loramerge.server.versions import VersionBuilder
 
 
 class EngineDouble:
-    """Records add_lora/remove_lora; `loaded` is what a real engine would hold. A version is
-    loaded only from a complete directory, and removing an unknown id is an error here."""
+    """Records add_lora/remove_lora; `loaded` is what a real engine would hold: at most
+    `capacity` adapters (vLLM's `max_cpu_loras`; `make_residency` sets the residency's), the
+    least recently used dropped for a new one, as vLLM's LRU does. A version is loaded only
+    from a complete directory."""
 
-    def __init__(self, load_seconds: float = 0.0) -> None:
-        self.loaded: dict[int, str] = {}  # lora_id → path
+    def __init__(self, load_seconds: float = 0.0, capacity: int | None = None) -> None:
+        self.loaded: OrderedDict[int, str] = OrderedDict()  # lora_id → path, LRU first
+        self.capacity = capacity
         self.added: list[tuple[str, int, str]] = []
         self.removed: list[int] = []
         self.peak = 0
@@ -54,11 +58,15 @@ class EngineDouble:
         not loaded (a version taken back from the parked tier is loaded so)."""
         _name, lora_id, path = request  # type: ignore[misc]
         await asyncio.sleep(0)
-        if lora_id not in self.loaded:
-            self._load(lora_id, path)
+        self._load(lora_id, path)
 
     def _load(self, lora_id: int, path: str) -> None:
+        if lora_id in self.loaded:
+            self.loaded.move_to_end(lora_id)  # used: the most recent
+            return
         assert (Path(path) / "adapter_model.safetensors").is_file()
+        if self.capacity is not None and len(self.loaded) >= self.capacity:
+            self.loaded.popitem(last=False)
         self.loaded[lora_id] = path
         self.peak = max(self.peak, len(self.loaded))
 
@@ -91,6 +99,7 @@ def make_residency(
     registry_metrics: Metrics | None = None,
 ) -> Residency:
     m = registry_metrics or metrics()
+    engine.capacity = engine.capacity or capacity  # max_cpu_loras, as the server sets it
     memory = MergeMemory(
         CalibrationCache(8), m, device=torch.device("cpu"), dtype=torch.float32, budget=budget
     )

@@ -44,10 +44,10 @@ def test_concurrent_leases_share_one_build(pool3: AdapterPool, tmp_path: Path) -
     run(scenario)
 
 
-def test_bounded_and_leased_means_loaded_under_churn(pool3: AdapterPool, tmp_path: Path) -> None:
+def test_bounded_and_leased_means_loadable_under_churn(pool3: AdapterPool, tmp_path: Path) -> None:
     """Invariants 1 and 2: 60 requests over 12 preferences, capacity 3, random hold times and
-    pool changes meanwhile; every lease sees its version loaded and its files present for its
-    whole life, and never more than 3 versions are in the engine."""
+    pool changes meanwhile; every lease keeps its version resident with its files present for
+    its whole life (each of its steps finds it loaded), and at most 3 stay resident."""
 
     async def scenario() -> None:
         engine = EngineDouble(load_seconds=0.001)
@@ -64,6 +64,8 @@ def test_bounded_and_leased_means_loaded_under_churn(pool3: AdapterPool, tmp_pat
             weights = [1 + (i % 6), 1 + (i % 4), 1][: len(pool)]
             async with residency.lease(select(pool, *weights)) as lease:
                 for _ in range(3):
+                    await engine.run(lease.version.lora_request)  # a step: loads it if dropped
+                    assert lease.version in residency.versions()  # never evicted while leased
                     assert lease.version.lora_id in engine.loaded
                     assert lease.version.path.is_dir()
                     checks += 1
@@ -76,9 +78,8 @@ def test_bounded_and_leased_means_loaded_under_churn(pool3: AdapterPool, tmp_pat
 
         await asyncio.gather(change_pools(), *[request(i) for i in range(60)])
         assert checks == 180
-        assert engine.peak <= 3
         await settle(residency)
-        assert len(engine.loaded) == residency.resident <= 3
+        assert residency.resident <= 3
         assert residency.resident + len(residency.parked()) <= 3  # keep: the capacity
         assert on_disk(tmp_path / "run") == kept(residency)  # loaded or parked, no orphan
         await residency.close()
@@ -142,6 +143,7 @@ def test_a_new_version_outlives_eviction_until_its_waiters_ran(
         async def waiter_b() -> str:
             async with residency.lease(select(pool3, 0, 1, 0)) as lease:
                 await asyncio.sleep(0)
+                assert lease.version in residency.versions()  # not evicted before it ran
                 assert lease.version.lora_id in engine.loaded
                 return lease.version.adapter_id
 
@@ -157,7 +159,7 @@ def test_a_new_version_outlives_eviction_until_its_waiters_ran(
         assert await c
         hold.set()
         await holding
-        assert engine.peak <= 2
+        assert residency.resident <= 2
         await residency.close()
 
     run(scenario)
@@ -185,7 +187,7 @@ def test_a_cancelled_waiter_gives_back_its_lease(pool3: AdapterPool, tmp_path: P
         assert version.leases == 0
         async with residency.lease(select(pool3, 3, 2, 1)):  # needs the only slot: evicts it
             pass
-        assert engine.removed == [version.lora_id]
+        assert version not in residency.versions()
         await residency.close()
 
     run(scenario)
@@ -256,36 +258,21 @@ def test_eviction_is_off_the_request_path_and_its_errors_stay_there(
         engine = EngineDouble()
         residency = make_residency(engine, tmp_path / "run", capacity=1)
         residency.start()
-        async with residency.lease(select(pool3, 1, 0, 0)):
-            pass
+        await use(residency, select(pool3, 1, 0, 0))
         engine.remove_gate = asyncio.Event()  # remove_lora hangs like a dead engine's
         engine.fail_remove = RuntimeError("engine gone")
-        done = asyncio.Event()
-
-        async def request() -> None:
-            async with residency.lease(select(pool3, 0, 1, 0)):
-                pass
-            done.set()
-
-        task = asyncio.create_task(request())
-        await asyncio.sleep(0.2)
-        assert not done.is_set()  # waits for the slot while removal hangs
-        engine.remove_gate.set()
-        await task  # the failed removal is not this request's error
-        await settle(residency)
-        assert residency._metrics.eviction_errors._value.get() == 1
-        assert on_disk(tmp_path / "run") == kept(residency)
-
-        engine.remove_gate, engine.fail_remove = asyncio.Event(), None
-        (resident,) = residency.versions()
+        # LRU eviction hands the version to vLLM's LRU: no engine call for the next build
+        second = await asyncio.wait_for(use(residency, select(pool3, 0, 1, 0)), 10)
+        assert [v.adapter_id for v in residency.versions()] == [second]
         async with residency.lease(select(pool3, 0, 1, 0)) as lease:
             assert lease.cached
             await residency.pool_changed(pool3.without("code"))  # now stale
         await asyncio.sleep(0.05)  # the lease ended; its version's removal hangs meanwhile
-        assert engine.removed == [] and resident.lora_id in engine.loaded
-        engine.remove_gate.set()
+        assert lease.version.path.is_dir()
+        engine.remove_gate.set()  # ...and fails
         await settle(residency)
-        assert engine.removed == [resident.lora_id]
+        assert residency._metrics.eviction_errors._value.get() == 1  # counted, not raised
+        assert residency.versions() == [] and on_disk(tmp_path / "run") == set()  # deleted
         await residency.close()
 
     run(scenario)
@@ -314,7 +301,7 @@ def test_a_cancelled_request_releases_its_lease(pool3: AdapterPool, tmp_path: Pa
         assert version.leases == 0
         async with residency.lease(select(pool3, 0, 1, 0)):  # so the only slot can be reused
             pass
-        assert engine.removed == [version.lora_id]
+        assert version not in residency.versions()
         await residency.close()
 
     run(scenario)
@@ -334,7 +321,7 @@ async def parked_one(residency: Residency, pool: AdapterPool) -> Version:
     async with residency.lease(select(pool, 0, 1, 0)):
         pass
     await settle(residency)
-    assert residency.parked() == [first.version]  # out of the engine, files kept
+    assert residency.parked() == [first.version]  # evicted, files kept
     return first.version
 
 
@@ -369,12 +356,37 @@ def test_an_evicted_version_is_parked_and_loaded_again_without_a_merge(
     run(scenario)
 
 
+def test_an_evicted_version_is_left_to_vllms_lru_and_taken_back_for_free(
+    pool3: AdapterPool, tmp_path: Path
+) -> None:
+    """Our LRU evicts without `remove_lora`: vLLM keeps the adapter until its own LRU needs the
+    room (here it holds 4, we keep 2 resident), so a returning tenant's version is used as it
+    is, with no merge, no add_lora and no load from disk."""
+
+    async def scenario() -> None:
+        engine = EngineDouble(capacity=4)
+        residency = tiered(engine, tmp_path / "run", capacity=2, keep=4)
+        first = await use(residency, select(pool3, 1, 0, 0))
+        for weights in [(0, 1, 0), (0, 0, 1)]:
+            await use(residency, select(pool3, *weights))
+        await settle(residency)
+        (parked,) = residency.parked()
+        assert parked.adapter_id == first and parked.lora_id in engine.loaded
+        async with residency.lease(select(pool3, 1, 0, 0)) as again:
+            assert again.cached and again.version is parked
+            await engine.run(again.version.lora_request)
+        assert engine.removed == [] and len(engine.added) == 3  # each version loaded once
+        await residency.close()
+
+    run(scenario)
+
+
 def test_a_parked_version_is_taken_back_at_once_over_the_bound(
     pool3: AdapterPool, tmp_path: Path
 ) -> None:
     """Every slot leased: a parked version's lease neither waits for a slot nor calls into the
-    engine; the reaper evicts back to the bound once leases end, and parks a version vLLM's own
-    LRU dropped meanwhile (its remove_lora finds nothing) with its files."""
+    engine; the reaper evicts back to the bound once leases end, and parks again, with its
+    files, a version vLLM's own LRU dropped meanwhile."""
 
     async def scenario() -> None:
         engine = EngineDouble()
@@ -389,8 +401,7 @@ def test_a_parked_version_is_taken_back_at_once_over_the_bound(
             again = await asyncio.wait_for(lease.__aenter__(), 1)  # the only slot is leased
             assert again.cached and again.version is first.version
             assert residency.resident == 2 and len(engine.added) == 2  # no add_lora
-            await engine.run(again.version.lora_request)
-            engine.loaded.pop(again.version.lora_id)  # vLLM's LRU dropped it (over its bound)
+            await engine.run(again.version.lora_request)  # vLLM's LRU (1) drops `held`'s
             await lease.__aexit__(None, None, None)
             await settle(residency)
             assert residency.versions() == [held.version]  # back to the bound
@@ -440,8 +451,9 @@ def test_parked_tier_invariants_under_churn(pool3: AdapterPool, tmp_path: Path) 
             pool = pools[(i // 20) % 2]
             weights = [1 + (i % 6), 1 + (i % 4), 1][: len(pool)]
             async with residency.lease(select(pool, *weights)) as lease:
-                await engine.run(lease.version.lora_request)  # loads a version taken back
                 for _ in range(3):
+                    await engine.run(lease.version.lora_request)  # loads one taken back
+                    assert lease.version in residency.versions()
                     assert lease.version.lora_id in engine.loaded
                     assert lease.version.path.is_dir()
                     checks += 1
@@ -454,9 +466,8 @@ def test_parked_tier_invariants_under_churn(pool3: AdapterPool, tmp_path: Path) 
 
         await asyncio.gather(change_pools(), *[request(i) for i in range(80)])
         assert checks == 240
-        assert engine.peak <= 6  # over the capacity only by versions taken back from disk
         await settle(residency)
-        assert len(engine.loaded) == residency.resident <= 3
+        assert residency.resident <= 3
         assert residency.resident + len(residency.parked()) <= 6
         assert on_disk(run_dir) == kept(residency)
         current = residency._current
@@ -471,14 +482,6 @@ def test_a_build_asks_for_its_slot_before_it_merges(pool3: AdapterPool, tmp_path
 
     async def scenario() -> None:
         engine = EngineDouble()
-        asked: list[int] = []
-        remove = engine.remove_lora
-
-        async def remove_lora(lora_id: int) -> bool:
-            asked.append(lora_id)
-            return await remove(lora_id)
-
-        engine.remove_lora = remove_lora  # type: ignore[method-assign]
         run_dir = tmp_path / "run"
         residency = tiered(engine, run_dir, capacity=1, keep=1, threads=1)
         async with residency.lease(select(pool3, 1, 0, 0)) as old:
@@ -488,8 +491,8 @@ def test_a_build_asks_for_its_slot_before_it_merges(pool3: AdapterPool, tmp_path
         task = asyncio.create_task(use(residency, select(pool3, 0, 1, 0)))
         try:
             await settle(residency)
-            assert asked == [old.version.lora_id]  # evicted already: the merge has not run
-            assert on_disk(run_dir) == {old.version.adapter_id}  # parked; nothing new yet
+            assert residency.parked() == [old.version]  # evicted already: the merge has not run
+            assert on_disk(run_dir) == {old.version.adapter_id}  # nothing new yet
         finally:
             busy.set()
         await blocker
@@ -521,7 +524,7 @@ def test_a_failed_build_gives_back_the_slot_it_took_early(
         await asyncio.wait_for(use(residency, select(pool3, 0, 0, 1)), 10)
         await asyncio.wait_for(use(residency, select(pool3, 1, 0, 0)), 10)  # parked: reload
         await settle(residency)
-        assert engine.peak == 1 and on_disk(run_dir) == kept(residency)
+        assert residency.resident == 1 and on_disk(run_dir) == kept(residency)
         await residency.close()
 
     run(scenario)
@@ -534,38 +537,39 @@ def test_a_spare_slot_keeps_eviction_off_the_miss(pool3: AdapterPool, tmp_path: 
         for weights in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
             await use(residency, select(pool3, *weights))
         await settle(residency)
-        assert residency.resident == 2  # one slot kept free
-        removed = list(engine.removed)
-        engine.remove_gate = asyncio.Event()  # removals hang from now on
-        await asyncio.wait_for(use(residency, select(pool3, 1, 1, 0)), 10)  # not waiting
-        assert engine.removed == removed and len(engine.loaded) == 3
-        engine.remove_gate.set()
+        assert residency.resident == 2 and len(residency.parked()) == 1  # one slot kept free
+        assert len(engine.loaded) == 3  # vLLM still holds the parked one
+        engine.remove_gate = asyncio.Event()  # an engine call would hang from now on
+        await asyncio.wait_for(use(residency, select(pool3, 1, 1, 0)), 10)
         await settle(residency)
-        assert residency.resident == 2 and len(engine.loaded) == 2
+        assert residency.resident == 2 and len(residency.parked()) == 2
         await residency.close()
 
     run(scenario)
 
 
-def test_a_lease_during_an_eviction_of_its_key_builds_anew_and_leaves_no_orphan(
+def test_a_lease_during_the_removal_of_its_key_builds_anew_and_leaves_no_orphan(
     pool3: AdapterPool, tmp_path: Path
 ) -> None:
+    """A request that selected a pool just before it changed leases while the old version is
+    being removed: it gets a copy of its own, and both go once unleased."""
+
     async def scenario() -> None:
         engine = EngineDouble()
         run_dir = tmp_path / "run"
-        residency = tiered(engine, run_dir, capacity=1, keep=3)
-        first = await use(residency, select(pool3, 1, 0, 0))
+        residency = tiered(engine, run_dir, capacity=2, keep=3)
+        old = select(pool3, 1, 0, 0)
+        first = await use(residency, old)
         engine.remove_gate = asyncio.Event()
-        other = asyncio.create_task(use(residency, select(pool3, 0, 1, 0)))  # evicts `first`
+        await residency.pool_changed(pool3.without("code"))  # removing `first` hangs
         await settle_soon()
-        again = asyncio.create_task(use(residency, select(pool3, 1, 0, 0)))  # mid-eviction
+        again = asyncio.create_task(use(residency, old))  # mid-removal
         await settle_soon()
         engine.remove_gate.set()
-        assert await again != first  # built anew: the evicted copy was in neither tier
-        await other
+        assert await again != first  # built anew: the copy being removed was in neither tier
         await settle(residency)
-        assert on_disk(run_dir) == kept(residency)  # the old copy was deleted, not parked
-        assert first not in kept(residency)
+        assert residency.resident == 0 and on_disk(run_dir) == set()  # both stale: removed
+        assert len(engine.removed) == 2
         await residency.close()
 
     run(scenario)
@@ -609,17 +613,16 @@ def test_parked_versions_give_way_when_the_export_dir_fills(
         assert 0 < parked_at_most < 11  # parked while there was room, not beyond
         parked = residency.parked()
         assert parked
+        busy = threading.Event()  # the merge waits until the eviction it needs has run
+        blocker = asyncio.create_task(residency.builder.worker.run(busy.wait, "a blocker"))
+        task = asyncio.create_task(use(residency, select(pool3, 9, 1, 1)))
+        await settle(residency)
         ballast = mount / "ballast"
         ballast.write_bytes(b"\0" * (shutil.disk_usage(mount).free - 2048))  # no version fits
-        engine.remove_gate = asyncio.Event()  # the loaded version's files stay meanwhile
-        task = asyncio.create_task(use(residency, select(pool3, 9, 1, 1)))
-        for _ in range(500):
-            if residency.parked() == [] and len(on_disk(run_dir)) == 2:
-                break  # the parked versions made room: the loaded one and the new one
-            await asyncio.sleep(0.01)
-        assert not any(v.path.exists() for v in parked)
-        engine.remove_gate.set()
-        await task
+        busy.set()
+        await blocker
+        await asyncio.wait_for(task, 10)  # exported all the same
+        assert not any(v.path.exists() for v in parked)  # the parked versions made room
         await settle(residency)
         assert on_disk(run_dir) == kept(residency)
         await residency.close()
