@@ -72,7 +72,8 @@ class Metrics:
         )
         self.adapter_load_duration = Histogram(
             "loramerge_adapter_load_duration_seconds",
-            "Time for the engine to load a merged adapter (add_lora).",
+            "Time for the engine to load a merged adapter (add_lora: the first version of each "
+            "pool and spec; vLLM loads later ones in its step).",
             buckets=_FAST,
             registry=registry,
         )

@@ -6,7 +6,9 @@ Every transport holds a version for the whole life of a request with one context
         ...generate with lease.version.lora_request...
 
 The first lease of a key builds the version (`versions.VersionBuilder`: merge on a merge worker,
-export, `add_lora`); concurrent leases of the same key wait for that one build. Eviction runs
+export, and `add_lora` for the first version of its pool and spec, which vLLM checks; a later
+one is loaded by vLLM in the step that first runs its request, as a parked version is);
+concurrent leases of the same key wait for that one build. Eviction runs
 only in a background reaper task, woken when a lease ends, the pool changes or a build needs
 room. Our LRU keeps at most `capacity` versions "resident" (leased or recently used; as many as
 vLLM keeps loaded, `max_cpu_loras`). A version it evicts is "parked": handed to vLLM's own LRU
@@ -21,7 +23,7 @@ waiting for a slot (the reaper evicts back to the bound after it).
 
 Invariants (each has a test in tests/unit/test_residency.py):
 1. Bounded: builds keep at most `capacity` versions resident or being loaded or removed (a slot
-   is taken before `add_lora` and given back when the version is evicted; a build that finds no
+   is taken before the version is loaded and given back when it is evicted; a build that finds no
    free slot waits for the reaper to free one). A parked version taken back counts at once,
    over the bound if no slot is free; the reaper then evicts back to it. vLLM bounds what it
    holds itself (`max_cpu_loras`, at least the capacity): an adapter it dropped is loaded again
@@ -57,10 +59,11 @@ Invariants (each has a test in tests/unit/test_residency.py):
    full deletes them all and exports again. `close` deletes the directories without calling
    into the engine (which may be dead and is shutting down anyway).
 9. Ahead: `merge_ahead` builds a version before any request asks for it (a tenant was stored)
-   and parks it, so its first lease takes it back with no merge. One such merge at a time, and
-   only while no request's build runs; a request for its key joins it (single flight) and it
-   is then loaded as a build is; it never deletes parked versions to make room, and its
-   failure only logs.
+   and parks it, so its first lease takes it back with no merge (the first version of a pool
+   and spec is loaded instead, as a build is, so that vLLM checks it before a request runs).
+   One such merge at a time, and only while no request's build runs; a request for its key
+   joins it (single flight) and it is then loaded as a build is; it never deletes parked
+   versions to make room, and its failure only logs.
 """
 
 from __future__ import annotations
@@ -340,9 +343,15 @@ class Residency:
         except BaseException:
             self._finish(key)
             raise
-        if flight.waiters:  # requests joined while it merged: load it for them
+        if flight.waiters or not self.builder.accepted(key):
+            # requests joined while it merged, or vLLM has not checked a version of its pool
+            # and spec yet: load it now (an error reaches no running request)
+            alone = not flight.waiters
             slot = asyncio.create_task(self._take_slot())
-            return await self._load(exported, selection, flight, slot)
+            version = await self._load(exported, selection, flight, slot)
+            if alone:
+                self._metrics.merged_ahead.inc()
+            return version
         self._finish(key)  # with parking, no await between (a lease finds it parked)
         version = self.builder.unloaded(exported, selection.spec.method)
         self._metrics.merged_ahead.inc()

@@ -1,4 +1,5 @@
-"""Building one merged version: merge on a merge worker, export to tmpfs, load into the engine.
+"""Building one merged version: merge on a merge worker, export to tmpfs, load into the engine
+(`add_lora` for the first version of each pool and spec; vLLM loads later ones in a step).
 
 Each version gets a name, an integer id and a directory never used before (vLLM caches by name
 and reloads from the path), written atomically. Whatever fails, nothing is left behind: a
@@ -59,7 +60,7 @@ class ExportSpaceError(OverloadedError):
 
 @dataclass
 class Version:
-    """One merged adapter loaded in the engine."""
+    """One merged adapter, loaded in the engine or loadable from its directory."""
 
     adapter_id: str
     key: VersionKey
@@ -108,6 +109,7 @@ class VersionBuilder:
         self._device = device
         self._dtype = dtype
         self._next_id = 0
+        self._accepted: set[tuple[str, str]] = set()  # (pool, spec) vLLM's add_lora accepted
 
     async def export(self, key: VersionKey, pool: AdapterPool, spec: MergeSpec) -> Exported:
         """Merge (pool, spec, the key's preference) on a merge worker and write it to disk."""
@@ -146,17 +148,29 @@ class VersionBuilder:
         return Exported(adapter_id, key, lora_id, path, report, phases, size)
 
     async def load(self, exported: Exported, method: str) -> Version:
-        """`add_lora` the exported version; on any failure its directory is deleted."""
+        """`add_lora` the first exported version of its pool and spec, so that vLLM checks
+        its modules and rank and an error reaches only its requests; on any failure its
+        directory is deleted. A later version of the same pool and spec differs only in its
+        weights' values (the spec caps the rank at `max_lora_rank`): it is not `add_lora`ed,
+        and vLLM loads it in the step that first runs a request naming it, as it loads a
+        parked version or a plain adapter, without the request waiting for a step boundary."""
         version = self._version(exported)
-        seconds = await self._add(version.lora_request, version.adapter_id, version.path)
-        version.phase_seconds["load"] = seconds
-        version.phase_seconds["total"] += seconds
+        if not self.accepted(exported.key):
+            seconds = await self._add(version.lora_request, version.adapter_id, version.path)
+            version.phase_seconds["load"] = seconds
+            version.phase_seconds["total"] += seconds
+            self._accepted.add(_pool_and_spec(exported.key))
         self._record(method, version)
         return version
 
+    def accepted(self, key: VersionKey) -> bool:
+        """Whether vLLM's `add_lora` accepted a version of `key`'s pool and spec."""
+        return _pool_and_spec(key) in self._accepted
+
     def unloaded(self, exported: Exported, method: str) -> Version:
         """The exported version, not loaded: a merge ahead of its first request, kept on disk
-        until a lease takes it (vLLM loads it in the request's step)."""
+        until a lease takes it (vLLM loads it in the request's step). Only for a key whose
+        pool and spec were `accepted`."""
         version = self._version(exported)
         self._record(method, version)
         return version
@@ -231,3 +245,7 @@ class VersionBuilder:
                    "loaded": "load" in phases,
                    "phase_seconds": {k: round(v, 4) for k, v in phases.items()}},
         )  # fmt: skip
+
+
+def _pool_and_spec(key: VersionKey) -> tuple[str, str]:
+    return key.pool_fingerprint, key.spec

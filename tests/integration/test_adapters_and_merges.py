@@ -36,7 +36,9 @@ def test_the_default_pool_is_listed(
 
 
 def test_merge_reports_phases_and_reuses_versions(
-    merges: merges_pb2_grpc.MergesStub, task_names: list[str]
+    merges: merges_pb2_grpc.MergesStub,
+    inference: inference_pb2_grpc.InferenceStub,
+    task_names: list[str],
 ) -> None:
     preference = {task_names[0]: 1.0, task_names[1]: 1.0, task_names[2]: 2.0}
     first = merges.Merge(merges_pb2.MergeRequest(preference=preference))
@@ -44,19 +46,23 @@ def test_merge_reports_phases_and_reuses_versions(
     assert first.rank == 48  # three rank-16 adapters, exact
     assert first.retained_energy_min == pytest.approx(1.0)
     assert first.final_norm > 0 and first.method == "regmean"  # the server's default
-    assert {"merge", "export", "load", "total"} <= set(first.phase_seconds)
+    assert {"merge", "export", "total"} <= set(first.phase_seconds)
     assert sum(first.preference.values()) == pytest.approx(1.0)
     again = merges.Merge(merges_pb2.MergeRequest(preference=preference))
     assert again.cached and again.adapter_id == first.adapter_id
 
-    capped = merges.Merge(
-        merges_pb2.MergeRequest(
-            preference=preference,
-            merge={"method": "ties", "pico": True, "rank": 8, "parameters": {"density": 0.5}},
-        )
-    )
+    ties = {"method": "ties", "pico": True, "rank": 8, "parameters": {"density": 0.5}}
+    capped = merges.Merge(merges_pb2.MergeRequest(preference=preference, merge=ties))
     assert capped.rank == 8 and 0 < capped.retained_energy_min < 1
     assert {"calibrate", "merge", "compensate"} <= set(capped.phase_seconds)
+    assert "load" in capped.phase_seconds  # the first of its pool and spec: add_lora'd
+    other = {task_names[0]: 1.0, task_names[3]: 1.0}
+    later = merges.Merge(merges_pb2.MergeRequest(preference=other, merge=ties))
+    assert not later.cached and "load" not in later.phase_seconds  # vLLM loads it in its step
+    reply = inference.Generate(
+        inference_pb2.GenerateRequest(prompt="Hi", max_tokens=2, preference=other, merge=ties)
+    )
+    assert reply.adapter_id == later.adapter_id and reply.completion_tokens == 2
 
 
 def test_export_streams_the_served_peft_adapter(

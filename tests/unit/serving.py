@@ -34,6 +34,7 @@ class EngineDouble:
         self.loaded: OrderedDict[int, str] = OrderedDict()  # lora_id → path, LRU first
         self.capacity = capacity
         self.added: list[tuple[str, int, str]] = []
+        self.loads: list[int] = []  # lora ids, each time one is loaded (add_lora or a step)
         self.removed: list[int] = []
         self.peak = 0
         self.load_seconds = load_seconds
@@ -68,6 +69,7 @@ class EngineDouble:
         if self.capacity is not None and len(self.loaded) >= self.capacity:
             self.loaded.popitem(last=False)
         self.loaded[lora_id] = path
+        self.loads.append(lora_id)
         self.peak = max(self.peak, len(self.loaded))
 
     async def remove_lora(self, lora_id: int) -> bool:

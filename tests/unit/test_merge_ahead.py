@@ -57,20 +57,25 @@ def test_a_version_merged_ahead_is_parked_and_its_first_request_only_loads_it(
         residency = await started(
             engine, tmp_path / "run", pool3, capacity=1, keep=4, registry_metrics=metrics
         )
+        residency.merge_ahead(select(pool3, 0, 1, 0))  # the first of its pool and spec
+        await residency.merged_ahead()
+        [checked] = residency.versions()  # add_lora'd (vLLM checks it) and resident, not parked
+        assert [name for name, _, _ in engine.added] == [checked.adapter_id]
         residency.merge_ahead(select(pool3, 1, 0, 0))
         await residency.merged_ahead()
-        assert engine.added == [] and residency.resident == 0  # not loaded
+        assert len(engine.added) == 1 and residency.resident == 1  # not loaded
         [parked] = residency.parked()
-        assert on_disk(tmp_path / "run") == {parked.adapter_id} and merges == [(1, 0, 0)]
-        assert registry.get_sample_value("loramerge_merged_ahead_total") == 1
+        assert on_disk(tmp_path / "run") == {checked.adapter_id, parked.adapter_id}
+        assert merges == [(0, 1, 0), (1, 0, 0)]
+        assert registry.get_sample_value("loramerge_merged_ahead_total") == 2
         residency.merge_ahead(select(pool3, 1, 0, 0))  # known already: nothing to do
         await residency.merged_ahead()
         async with residency.lease(select(pool3, 1, 0, 0)) as lease:
             assert lease.cached and lease.version.adapter_id == parked.adapter_id
             await engine.run(lease.version.lora_request)  # its step loads it from its files
             assert engine.loaded == {parked.lora_id: str(parked.path)}
-        assert engine.added == []  # never add_lora'd: no wait for the engine before the request
-        assert merges == [(1, 0, 0)]  # no second merge
+        assert len(engine.added) == 1  # never add_lora'd: no wait for the engine before it
+        assert merges == [(0, 1, 0), (1, 0, 0)]  # no second merge
         assert registry.get_sample_value("loramerge_merged_adapter_cache_hits_total") == 1
         await residency.close()
 
@@ -88,6 +93,7 @@ def test_requests_merge_first_and_a_request_joins_a_merge_ahead(
 
         async def request(*weights: float) -> bool:
             async with residency.lease(select(pool3, *weights)) as lease:
+                await engine.run(lease.version.lora_request)
                 assert engine.loaded[lease.version.lora_id] == str(lease.version.path)
                 return lease.cached
 
@@ -128,9 +134,9 @@ def test_merges_ahead_stay_within_keep_and_never_park_a_stale_pool(
             residency.merge_ahead(select(pool3, *w))
         await residency.merged_ahead()
         await settle(residency)
-        parked = residency.parked()
-        assert len(parked) == 3  # the three newest: the oldest waiting ones were dropped
-        assert on_disk(run_dir) == {v.adapter_id for v in parked}
+        kept = residency.versions() + residency.parked()  # the first was add_lora'd: resident
+        assert len(kept) == 3  # the three newest: the oldest waiting ones were dropped
+        assert on_disk(run_dir) == {v.adapter_id for v in kept}
         assert len(merges) == 3 and set(merges) == {(0, 0, 1), (0.5, 0.5, 0), (0, 0.5, 0.5)}
         GATES[(0.2, 0.4, 0.4)] = threading.Event()
         for w in [(1, 2, 2), (2, 1, 2), (2, 2, 1)]:
@@ -142,7 +148,8 @@ def test_merges_ahead_stay_within_keep_and_never_park_a_stale_pool(
         await residency.merged_ahead()
         assert len(merges) == 4  # the waiting ones of the old pool were not merged
         await settle(residency)
-        assert residency.parked() == [] and on_disk(run_dir) == set()
+        assert residency.parked() == [] and residency.resident == 0
+        assert on_disk(run_dir) == set()
         await residency.close()
 
     run(scenario)

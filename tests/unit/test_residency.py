@@ -5,6 +5,7 @@ real engine is exercised in tests/integration)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from serving import EngineDouble, make_residency, on_disk, run, select, settle, tiered
 
-from loramerge.merge_engine import AdapterPool, load_adapter
+from loramerge.merge_engine import AdapterPool, MergeSpec, load_adapter
 from loramerge.server.errors import EngineUnavailableError
 from loramerge.server.residency import Residency
 from loramerge.server.selection import Selection
@@ -44,6 +45,44 @@ def test_concurrent_leases_share_one_build(pool3: AdapterPool, tmp_path: Path) -
     run(scenario)
 
 
+def test_only_the_first_version_of_a_pool_and_spec_waits_for_add_lora(
+    pool3: AdapterPool, tmp_path: Path
+) -> None:
+    """vLLM checks the first version of each pool and spec (`add_lora`: an error reaches only
+    its requests); a later one differs only in its weights, so its request goes to the engine
+    at once and vLLM loads it from its files in the step. A refused first version is not
+    taken as checked: the next build of that pool and spec is `add_lora`ed again."""
+
+    async def scenario() -> None:
+        engine = EngineDouble()
+        residency = make_residency(engine, tmp_path / "run", capacity=4)
+        residency.start()
+        smaller = pool3.without("math")
+        capped = dataclasses.replace(select(pool3, 1, 1, 0), spec=MergeSpec(rank=2))
+        firsts = [select(pool3, 1, 0, 0), select(smaller, 1, 0), capped]
+        for selection in firsts:
+            async with residency.lease(selection) as lease:
+                assert lease.version.lora_id in engine.loaded  # before the request ran
+                assert "load" in lease.version.phase_seconds
+        async with residency.lease(select(pool3, 0, 1, 0)) as later:
+            assert later.version.lora_id not in engine.loaded  # no add_lora
+            assert "load" not in later.version.phase_seconds
+            await engine.run(later.version.lora_request)  # its step loads it from its files
+            assert engine.loaded[later.version.lora_id] == str(later.version.path)
+        assert len(engine.added) == 3
+        engine.refuse_add = True
+        other = dataclasses.replace(capped, spec=MergeSpec(rank=3))
+        with pytest.raises(EngineUnavailableError):
+            async with residency.lease(other):
+                pass
+        engine.refuse_add = False
+        async with residency.lease(dataclasses.replace(other, rho=(0.0, 1.0, 0.0))) as lease:
+            assert lease.version.lora_id in engine.loaded and len(engine.added) == 4
+        await residency.close()
+
+    run(scenario)
+
+
 def test_bounded_and_leased_means_loadable_under_churn(pool3: AdapterPool, tmp_path: Path) -> None:
     """Invariants 1 and 2: 60 requests over 12 preferences, capacity 3, random hold times and
     pool changes meanwhile; every lease keeps its version resident with its files present for
@@ -66,7 +105,7 @@ def test_bounded_and_leased_means_loadable_under_churn(pool3: AdapterPool, tmp_p
                 for _ in range(3):
                     await engine.run(lease.version.lora_request)  # a step: loads it if dropped
                     assert lease.version in residency.versions()  # never evicted while leased
-                    assert lease.version.lora_id in engine.loaded
+                    await engine.run(lease.version.lora_request)  # found, or loaded from its files
                     assert lease.version.path.is_dir()
                     checks += 1
                     await asyncio.sleep(chooser.random() * 0.01)
@@ -104,8 +143,8 @@ def test_stale_eviction_takes_a_fresh_look_at_leases(pool3: AdapterPool, tmp_pat
             async with residency.lease(old) as lease:
                 leased.set()
                 await release.wait()
-                assert lease.version.lora_id in engine.loaded
-                assert lease.version.path.is_dir()
+                await engine.run(lease.version.lora_request)  # found, or loaded from its files
+                assert lease.version.lora_id not in engine.removed
 
         task = asyncio.create_task(late_request())
         await residency.pool_changed(pool3.without("math"))  # wakes the reaper
@@ -144,7 +183,7 @@ def test_a_new_version_outlives_eviction_until_its_waiters_ran(
             async with residency.lease(select(pool3, 0, 1, 0)) as lease:
                 await asyncio.sleep(0)
                 assert lease.version in residency.versions()  # not evicted before it ran
-                assert lease.version.lora_id in engine.loaded
+                await engine.run(lease.version.lora_request)  # found, or loaded from its files
                 return lease.version.adapter_id
 
         async def request_c() -> str:
@@ -258,11 +297,11 @@ def test_eviction_is_off_the_request_path_and_its_errors_stay_there(
         engine = EngineDouble()
         residency = make_residency(engine, tmp_path / "run", capacity=1)
         residency.start()
-        await use(residency, select(pool3, 1, 0, 0))
+        await use(engine, residency, select(pool3, 1, 0, 0))
         engine.remove_gate = asyncio.Event()  # remove_lora hangs like a dead engine's
         engine.fail_remove = RuntimeError("engine gone")
         # LRU eviction hands the version to vLLM's LRU: no engine call for the next build
-        second = await asyncio.wait_for(use(residency, select(pool3, 0, 1, 0)), 10)
+        second = await asyncio.wait_for(use(engine, residency, select(pool3, 0, 1, 0)), 10)
         assert [v.adapter_id for v in residency.versions()] == [second]
         async with residency.lease(select(pool3, 0, 1, 0)) as lease:
             assert lease.cached
@@ -314,15 +353,14 @@ def kept(residency: Residency) -> set[str]:
     return {v.adapter_id for v in residency.versions() + residency.parked()}
 
 
-async def parked_one(residency: Residency, pool: AdapterPool) -> Version:
-    """With capacity 1: lease (1, 0, 0), then (0, 1, 0), which evicts and parks the first."""
-    async with residency.lease(select(pool, 1, 0, 0)) as first:
-        pass
-    async with residency.lease(select(pool, 0, 1, 0)):
-        pass
+async def parked_one(engine: EngineDouble, residency: Residency, pool: AdapterPool) -> Version:
+    """With capacity 1: use (1, 0, 0), then (0, 1, 0), which evicts and parks the first."""
+    first = await use(engine, residency, select(pool, 1, 0, 0))
+    await use(engine, residency, select(pool, 0, 1, 0))
     await settle(residency)
-    assert residency.parked() == [first.version]  # evicted, files kept
-    return first.version
+    [parked] = residency.parked()
+    assert parked.adapter_id == first  # evicted, files kept
+    return parked
 
 
 def test_an_evicted_version_is_parked_and_loaded_again_without_a_merge(
@@ -332,7 +370,7 @@ def test_an_evicted_version_is_parked_and_loaded_again_without_a_merge(
         engine = EngineDouble()
         run_dir = tmp_path / "run"
         residency = tiered(engine, run_dir, capacity=1, keep=3)
-        first = await parked_one(residency, pool3)
+        first = await parked_one(engine, residency, pool3)
         assert first.lora_id not in engine.loaded and first.path.is_dir()
         async with residency.lease(select(pool3, 1, 0, 0)) as again:
             assert again.cached  # no merge: the same files, name and id
@@ -366,16 +404,17 @@ def test_an_evicted_version_is_left_to_vllms_lru_and_taken_back_for_free(
     async def scenario() -> None:
         engine = EngineDouble(capacity=4)
         residency = tiered(engine, tmp_path / "run", capacity=2, keep=4)
-        first = await use(residency, select(pool3, 1, 0, 0))
+        first = await use(engine, residency, select(pool3, 1, 0, 0))
         for weights in [(0, 1, 0), (0, 0, 1)]:
-            await use(residency, select(pool3, *weights))
+            await use(engine, residency, select(pool3, *weights))
         await settle(residency)
         (parked,) = residency.parked()
         assert parked.adapter_id == first and parked.lora_id in engine.loaded
         async with residency.lease(select(pool3, 1, 0, 0)) as again:
             assert again.cached and again.version is parked
             await engine.run(again.version.lora_request)
-        assert engine.removed == [] and len(engine.added) == 3  # each version loaded once
+        assert engine.removed == [] and engine.loads == [1, 2, 3]  # each version loaded once
+        assert [name for name, _, _ in engine.added] == [first]  # the first of its pool and spec
         await residency.close()
 
     run(scenario)
@@ -397,10 +436,11 @@ def test_a_parked_version_is_taken_back_at_once_over_the_bound(
         async with residency.lease(select(pool3, 0, 1, 0)) as held:
             await settle(residency)
             assert residency.parked() == [first.version]
+            added = list(engine.added)
             lease = residency.lease(select(pool3, 1, 0, 0))
             again = await asyncio.wait_for(lease.__aenter__(), 1)  # the only slot is leased
             assert again.cached and again.version is first.version
-            assert residency.resident == 2 and len(engine.added) == 2  # no add_lora
+            assert residency.resident == 2 and engine.added == added  # no add_lora
             await engine.run(again.version.lora_request)  # vLLM's LRU (1) drops `held`'s
             await lease.__aexit__(None, None, None)
             await settle(residency)
@@ -421,10 +461,11 @@ def test_a_parked_version_whose_files_were_deleted_is_merged_again(
         engine = EngineDouble()
         run_dir = tmp_path / "run"
         residency = tiered(engine, run_dir, capacity=1, keep=3)
-        first = await parked_one(residency, pool3)
+        first = await parked_one(engine, residency, pool3)
         (first.path / "adapter_model.safetensors").unlink()
         async with residency.lease(select(pool3, 1, 0, 0)) as again:
             assert not again.cached and again.version.path != first.path
+            await engine.run(again.version.lora_request)
             assert engine.loaded[again.version.lora_id] == str(again.version.path)
         assert not first.path.exists()
         await residency.close()
@@ -454,7 +495,7 @@ def test_parked_tier_invariants_under_churn(pool3: AdapterPool, tmp_path: Path) 
                 for _ in range(3):
                     await engine.run(lease.version.lora_request)  # loads one taken back
                     assert lease.version in residency.versions()
-                    assert lease.version.lora_id in engine.loaded
+                    await engine.run(lease.version.lora_request)  # found, or loaded from its files
                     assert lease.version.path.is_dir()
                     checks += 1
                     await asyncio.sleep(chooser.random() * 0.01)
@@ -488,7 +529,7 @@ def test_a_build_asks_for_its_slot_before_it_merges(pool3: AdapterPool, tmp_path
             pass
         busy = threading.Event()
         blocker = asyncio.create_task(residency.builder.worker.run(busy.wait, "a blocker"))
-        task = asyncio.create_task(use(residency, select(pool3, 0, 1, 0)))
+        task = asyncio.create_task(use(engine, residency, select(pool3, 0, 1, 0)))
         try:
             await settle(residency)
             assert residency.parked() == [old.version]  # evicted already: the merge has not run
@@ -509,7 +550,7 @@ def test_a_failed_build_gives_back_the_slot_it_took_early(
         engine = EngineDouble()
         run_dir = tmp_path / "run"
         residency = tiered(engine, run_dir, capacity=1, keep=2)
-        await use(residency, select(pool3, 1, 0, 0))
+        await use(engine, residency, select(pool3, 1, 0, 0))
         export = residency.builder.export
 
         async def failing(*args: object) -> None:
@@ -518,11 +559,11 @@ def test_a_failed_build_gives_back_the_slot_it_took_early(
 
         residency.builder.export = failing  # type: ignore[method-assign, assignment]
         with pytest.raises(RuntimeError, match="merge failed"):
-            await use(residency, select(pool3, 0, 1, 0))
+            await use(engine, residency, select(pool3, 0, 1, 0))
         residency.builder.export = export  # type: ignore[method-assign]
         # with the only slot leaked, these would wait forever
-        await asyncio.wait_for(use(residency, select(pool3, 0, 0, 1)), 10)
-        await asyncio.wait_for(use(residency, select(pool3, 1, 0, 0)), 10)  # parked: reload
+        await asyncio.wait_for(use(engine, residency, select(pool3, 0, 0, 1)), 10)
+        await asyncio.wait_for(use(engine, residency, select(pool3, 1, 0, 0)), 10)  # parked: reload
         await settle(residency)
         assert residency.resident == 1 and on_disk(run_dir) == kept(residency)
         await residency.close()
@@ -535,12 +576,12 @@ def test_a_spare_slot_keeps_eviction_off_the_miss(pool3: AdapterPool, tmp_path: 
         engine = EngineDouble()
         residency = tiered(engine, tmp_path / "run", capacity=3, keep=6, spare=1)
         for weights in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
-            await use(residency, select(pool3, *weights))
+            await use(engine, residency, select(pool3, *weights))
         await settle(residency)
         assert residency.resident == 2 and len(residency.parked()) == 1  # one slot kept free
         assert len(engine.loaded) == 3  # vLLM still holds the parked one
         engine.remove_gate = asyncio.Event()  # an engine call would hang from now on
-        await asyncio.wait_for(use(residency, select(pool3, 1, 1, 0)), 10)
+        await asyncio.wait_for(use(engine, residency, select(pool3, 1, 1, 0)), 10)
         await settle(residency)
         assert residency.resident == 2 and len(residency.parked()) == 2
         await residency.close()
@@ -559,11 +600,11 @@ def test_a_lease_during_the_removal_of_its_key_builds_anew_and_leaves_no_orphan(
         run_dir = tmp_path / "run"
         residency = tiered(engine, run_dir, capacity=2, keep=3)
         old = select(pool3, 1, 0, 0)
-        first = await use(residency, old)
+        first = await use(engine, residency, old)
         engine.remove_gate = asyncio.Event()
         await residency.pool_changed(pool3.without("code"))  # removing `first` hangs
         await settle_soon()
-        again = asyncio.create_task(use(residency, old))  # mid-removal
+        again = asyncio.create_task(use(engine, residency, old))  # mid-removal
         await settle_soon()
         engine.remove_gate.set()
         assert await again != first  # built anew: the copy being removed was in neither tier
@@ -575,9 +616,10 @@ def test_a_lease_during_the_removal_of_its_key_builds_anew_and_leaves_no_orphan(
     run(scenario)
 
 
-async def use(residency: Residency, selection: Selection) -> str:
+async def use(engine: EngineDouble, residency: Residency, selection: Selection) -> str:
+    """A request: lease the version and run a step with it (vLLM loads it if it must)."""
     async with residency.lease(selection) as lease:
-        assert lease.version.path.is_dir()
+        await engine.run(lease.version.lora_request)
         return lease.version.adapter_id
 
 
@@ -606,7 +648,7 @@ def test_parked_versions_give_way_when_the_export_dir_fills(
         residency = tiered(engine, run_dir, capacity=1, keep=16, threads=1)
         parked_at_most = 0
         for i in range(12):
-            await use(residency, select(pool3, 1 + i % 4, 1 + i // 4, 1))
+            await use(engine, residency, select(pool3, 1 + i % 4, 1 + i // 4, 1))
             await settle(residency)
             parked_at_most = max(parked_at_most, len(residency.parked()))
             assert on_disk(run_dir) == kept(residency)
@@ -615,7 +657,7 @@ def test_parked_versions_give_way_when_the_export_dir_fills(
         assert parked
         busy = threading.Event()  # the merge waits until the eviction it needs has run
         blocker = asyncio.create_task(residency.builder.worker.run(busy.wait, "a blocker"))
-        task = asyncio.create_task(use(residency, select(pool3, 9, 1, 1)))
+        task = asyncio.create_task(use(engine, residency, select(pool3, 9, 1, 1)))
         await settle(residency)
         ballast = mount / "ballast"
         ballast.write_bytes(b"\0" * (shutil.disk_usage(mount).free - 2048))  # no version fits
