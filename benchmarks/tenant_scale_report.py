@@ -75,14 +75,15 @@ class RunResult:
     def hit_rate(self) -> float:
         return ratio(self.merged_hits, self.merged_misses)
 
-    @property
-    def calibration_hit_rate(self) -> float:
-        return ratio(self.calibration_hits, self.calibration_misses)
-
 
 def ratio(hits: float | None, misses: float | None) -> float:
     total = (hits or 0) + (misses or 0)
     return (hits or 0) / total if total else math.nan
+
+
+def _rate(hits: float, misses: float) -> str:
+    """A hit rate for a table; "–" when nothing was looked up (e.g. no Pico calibration)."""
+    return f"{ratio(hits, misses):.2f}" if hits + misses else "–"
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -267,7 +268,7 @@ def loramerge_table(points: Sequence[Point]) -> str:
                     f"{p.median(system, 'merges'):.0f}",
                     f"{p.median(system, 'merges_per_second'):.2f}",
                     f"{ratio(hits, misses):.2f}",
-                    f"{ratio(calibration_hits, calibration_misses):.2f}",
+                    _rate(calibration_hits, calibration_misses),
                     f"{max(r.resident_max for r in runs)}",
                     f"{max(r.shm_bytes_max for r in runs) / 1e6:.0f}",
                     f"{p.median(system, 'evictions'):.0f}",

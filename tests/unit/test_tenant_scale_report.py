@@ -86,6 +86,12 @@ def test_tables_and_goals(rep: ModuleType) -> None:
     assert "**0.50**" in serving[5]  # loramerge/plain throughput at T=512
     internals = rep.loramerge_table([low, high]).splitlines()
     assert "| 8 | loramerge, on demand | 5 / 8 | 4 | 0.40 | 0.75 | 0.75 |" in internals[2]
+    low.runs["loramerge"] = [  # RegMean: nothing calibrated
+        dataclasses.replace(r, calibration_hits=0.0, calibration_misses=0.0)
+        for r in low.runs["loramerge"]
+    ]
+    internals = rep.loramerge_table([low]).splitlines()
+    assert "| 0.75 | – |" in internals[2]  # not nan
     goals = rep.goals([low, high]).splitlines()
     assert "1.00× (met" in goals[0] and "1.50× (**missed**" in goals[0]
     assert "0.50× (**missed**" in goals[1]
