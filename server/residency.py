@@ -302,7 +302,8 @@ class Residency:
     async def _load(
         self, exported: Exported, selection: Selection, flight: _Flight, slot: asyncio.Task[None]
     ) -> Version:
-        """Take the slot, `add_lora` an exported version and publish it to its waiters."""
+        """Take the slot, load an exported version (`VersionBuilder.load`) and publish it to
+        its waiters."""
         try:
             try:
                 await slot
@@ -337,26 +338,25 @@ class Residency:
                 self._report_ahead()  # on the event loop, once the version is parked
 
     async def _build_ahead(self, key: VersionKey, selection: Selection, flight: _Flight) -> Version:
-        """Merge and export; park the version, or load it if requests joined meanwhile."""
+        """Merge and export; park the version, or load it if requests joined meanwhile or
+        vLLM has not checked a version of its pool and spec yet (an error reaches no request)."""
         try:
             exported = await self._export(key, selection, flight)
         except BaseException:
             self._finish(key)
             raise
-        if flight.waiters or not self.builder.accepted(key):
-            # requests joined while it merged, or vLLM has not checked a version of its pool
-            # and spec yet: load it now (an error reaches no running request)
-            alone = not flight.waiters
-            slot = asyncio.create_task(self._take_slot())
-            version = await self._load(exported, selection, flight, slot)
-            if alone:
-                self._metrics.merged_ahead.inc()
+        alone = not flight.waiters
+        if alone and self.builder.accepted(key):
+            self._finish(key)  # with parking, no await between (a lease finds it parked)
+            version = self.builder.unloaded(exported, selection.spec.method)
+            self._metrics.merged_ahead.inc()  # before an await: `merged_ahead()` may return
+            await self._park(version)
+            await self._trim_parked()  # the least recently used beyond `keep` go
             return version
-        self._finish(key)  # with parking, no await between (a lease finds it parked)
-        version = self.builder.unloaded(exported, selection.spec.method)
-        self._metrics.merged_ahead.inc()
-        await self._park(version)
-        await self._trim_parked()  # the least recently used beyond `keep` go
+        slot = asyncio.create_task(self._take_slot())
+        version = await self._load(exported, selection, flight, slot)
+        if alone:
+            self._metrics.merged_ahead.inc()
         return version
 
     def _take_back(self, key: VersionKey) -> Version | None:

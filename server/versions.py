@@ -154,12 +154,13 @@ class VersionBuilder:
         weights' values (the spec caps the rank at `max_lora_rank`): it is not `add_lora`ed,
         and vLLM loads it in the step that first runs a request naming it, as it loads a
         parked version or a plain adapter, without the request waiting for a step boundary."""
+        if self.accepted(exported.key):
+            return self.unloaded(exported, method)
         version = self._version(exported)
-        if not self.accepted(exported.key):
-            seconds = await self._add(version.lora_request, version.adapter_id, version.path)
-            version.phase_seconds["load"] = seconds
-            version.phase_seconds["total"] += seconds
-            self._accepted.add(_pool_and_spec(exported.key))
+        seconds = await self._add(version.lora_request, version.adapter_id, version.path)
+        version.phase_seconds["load"] = seconds
+        version.phase_seconds["total"] += seconds
+        self._accepted.add(_pool_and_spec(exported.key))
         self._record(method, version)
         return version
 
@@ -169,8 +170,8 @@ class VersionBuilder:
 
     def unloaded(self, exported: Exported, method: str) -> Version:
         """The exported version, not loaded: a merge ahead of its first request, kept on disk
-        until a lease takes it (vLLM loads it in the request's step). Only for a key whose
-        pool and spec were `accepted`."""
+        until a lease takes it, or a later version of an `accepted` pool and spec (vLLM loads
+        it in the request's step)."""
         version = self._version(exported)
         self._record(method, version)
         return version
